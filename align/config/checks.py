@@ -1,0 +1,43 @@
+"""Checks on the world outside the recipe (files, model directories) that must pass before Ray starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from align.config.loader import RecipeError, load_recipe
+from align.config.schema import ModelConfig, SFTRecipe
+
+
+def load_sft_recipe(path: str | Path, overrides: list[str] | None = None) -> SFTRecipe:
+    """Load, type-check and file-check an SFT recipe."""
+    recipe = load_recipe(SFTRecipe, path, overrides)
+    source = str(path)
+    check_model_source(recipe.model, source)
+    for i, data_path in enumerate(recipe.data.train):
+        if not Path(data_path).exists():
+            raise RecipeError(f"{source}: data.train[{i}]: file not found: {data_path}")
+    return recipe
+
+
+def check_model_source(model: ModelConfig, source: str) -> None:
+    """A model path must be a transformers checkpoint, a preset must exist, a tokenizer must be loadable."""
+    if model.path is not None:
+        config_file = Path(model.path) / "config.json"
+        if not config_file.is_file():
+            raise RecipeError(f"{source}: model.path: {model.path} is not a model directory (no config.json)")
+        try:
+            json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"{source}: model.path: {config_file} is not valid JSON ({err})") from None
+    else:
+        from align.models.presets import PRESETS
+
+        if model.preset not in PRESETS:
+            raise RecipeError(f"{source}: model.preset: unknown preset {model.preset!r}; "
+                              f"choose one of {', '.join(sorted(PRESETS))}")
+    tokenizer = model.tokenizer or model.path
+    if not (Path(tokenizer) / "tokenizer_config.json").is_file() and not (
+            Path(tokenizer) / "tokenizer.json").is_file():
+        raise RecipeError(f"{source}: model.tokenizer: {tokenizer} holds no tokenizer "
+                          "(tokenizer.json / tokenizer_config.json)")

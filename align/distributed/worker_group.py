@@ -1,0 +1,126 @@
+"""A group of Ray actors, each hosting one plain Python object (a learner, an engine, a reward).
+
+The objects know nothing about Ray; the group places them with a placement group, constructs them,
+calls their methods on every rank at once, and never waits forever: each call has a timeout and a
+failure names the rank and the method.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+class WorkerError(RuntimeError):
+    """A remote call failed or timed out; the message names the group, rank and method."""
+
+
+class Host:
+    """The actor body: holds one object and forwards method calls to it."""
+
+    def __init__(self) -> None:
+        self.obj: Any = None
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free TCP port (rank 0's serves as the process-group rendezvous)."""
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def construct(self, cls: type, *args: Any, **kwargs: Any) -> None:
+        self.obj = cls(*args, **kwargs)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.obj, method)(*args, **kwargs)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class WorkerGroup:
+    def __init__(self, name: str, num_workers: int, cpus: float, gpus: float, strategy: str,
+                 env: dict[str, str], timeout_s: float):
+        self.name, self.timeout_s = name, timeout_s
+        bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for _ in range(num_workers)]
+        self.placement = placement_group(bundles, strategy=strategy, name=f"align-{name}")
+        try:
+            ray.get(self.placement.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.placement)
+            raise WorkerError(f"{name}: Ray could not place {num_workers} workers x {bundles[0]} within "
+                              f"{timeout_s:.0f}s; the cluster has {ray.cluster_resources()}") from None
+        actor = ray.remote(Host)
+        self.actors = [
+            actor.options(
+                num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env}, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i),
+            ).remote()
+            for i in range(num_workers)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Address and port for torch.distributed, taken from rank 0's node."""
+        return self._get([self.actors[0].address.remote()], "address")[0]
+
+    def construct(self, cls: type, per_rank_kwargs: Sequence[dict[str, Any]]) -> None:
+        refs = [actor.construct.remote(cls, **kwargs) for actor, kwargs in zip(self.actors, per_rank_kwargs)]
+        self._get(refs, f"{cls.__name__}()")
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call `method` on every rank in parallel; results in rank order."""
+        return self._get([actor.call.remote(method, *args, **kwargs) for actor in self.actors], method)
+
+    def _get(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            ranks = [i for i, ref in enumerate(refs) if ref in pending]
+            raise WorkerError(f"{self.name}: {what} did not finish within {self.timeout_s:.0f}s on rank(s) {ranks}")
+        results = []
+        for rank, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as err:
+                cause = err.cause if getattr(err, "cause", None) is not None else err
+                raise WorkerError(f"{self.name} rank {rank}: {what} failed: {type(cause).__name__}: {cause}") from cause
+            except ray.exceptions.RayActorError as err:
+                raise WorkerError(f"{self.name} rank {rank}: worker died during {what}: {err}") from err
+        return results
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement)
+
+
+def start_ray(address: str | None, num_cpus: float, num_gpus: float) -> None:
+    """Join `address`, or start a private local Ray with enough logical CPUs for the requested workers."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), num_gpus=num_gpus, include_dashboard=False,
+             log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """Environment for every actor: one BLAS/OpenMP thread each (contended vCPUs otherwise stall)."""
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env

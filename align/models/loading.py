@@ -1,0 +1,69 @@
+"""Models and tokenizers: any local transformers causal LM, or a fresh model from a DeepSeek-V2 preset.
+
+The path branch is the code users run on real checkpoints (`from_pretrained` on a local directory,
+never a hub download); the preset branch builds the same architecture from a config, for CPU tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from align.config.schema import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_tokenizer(path: str) -> Any:
+    """Tokenizer with a chat template and a pad token (EOS stands in when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ValueError(f"{path}: tokenizer has no chat template")
+    return tokenizer
+
+
+def build_model(config: ModelConfig, tokenizer: Any) -> nn.Module:
+    """Load `config.path`, or build `config.preset` with weights drawn from `config.seed`."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[config.dtype]
+    if config.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            config.path, dtype=dtype, attn_implementation=config.attn_implementation)
+    else:
+        from align.models.presets import build_config
+
+        model_config = build_config(
+            config.preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            **config.preset_overrides)
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            model = AutoModelForCausalLM.from_config(
+                model_config, dtype=dtype, attn_implementation=config.attn_implementation)
+    if config.experts_implementation is not None:
+        model.set_experts_implementation(config.experts_implementation)
+    # Training never reuses a KV cache, and a cache object disables transformers' packed-sequence masks.
+    model.config.use_cache = False
+    return model
+
+
+def moe_block_classes(model: nn.Module) -> list[type[nn.Module]]:
+    """Classes of sparse MoE blocks (a router `gate` beside an `experts` container). Under ZeRO-3 these
+    must be leaf modules: ranks that route to different experts would otherwise wait on each other's
+    parameter gathers forever."""
+    classes: dict[str, type[nn.Module]] = {}
+    for module in model.modules():
+        if hasattr(module, "experts") and hasattr(module, "gate"):
+            classes[type(module).__name__] = type(module)
+    return list(classes.values())
+
+
+def is_moe(model: nn.Module) -> bool:
+    return bool(moe_block_classes(model))

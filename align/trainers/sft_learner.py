@@ -1,0 +1,168 @@
+"""One SFT learner: a DeepSpeed engine over the policy plus its data stream.
+
+A plain Python object. The driver wraps N of them in Ray actors (align/distributed/worker_group.py);
+tests and the GPU check script can use one directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from align.config.schema import SFTRecipe
+from align.data.chat import IGNORE_INDEX
+from align.data.packing import Batch
+from align.data.stream import SFTStream
+from align.models.export import full_state_dict, gathered
+from align.models.loading import build_model, load_tokenizer, moe_block_classes
+from align.trainers import engine as ds_setup
+
+
+def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Next-token negative log-likelihood averaged over target tokens.
+
+    loss = -1/N * sum_{t: labels[t+1] != ignore} log p(labels[t+1] | tokens <= t)
+    logits: [rows, width, vocab]; labels: [rows, width]. Returns (loss, N).
+    """
+    targets = labels[:, 1:]
+    count = int((targets != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss / max(count, 1), count
+
+
+class SFTLearner:
+    def __init__(self, recipe: SFTRecipe, rank: int, world_size: int, master_addr: str, master_port: int,
+                 total_steps: int):
+        torch.set_num_threads(recipe.cluster.threads_per_worker)
+        self.recipe, self.rank, self.world_size = recipe, rank, world_size
+        self.backend = ds_setup.init_process_group(rank, world_size, master_addr, master_port,
+                                                   recipe.cluster.backend)
+        ds_setup.seed_everything(recipe.train.seed + rank)
+        self.tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
+        model = build_model(recipe.model, self.tokenizer)
+        self.moe_classes = moe_block_classes(model)
+        if recipe.lora.enabled:
+            model = self._add_lora(model)
+        if self.moe_classes and recipe.deepspeed.zero_stage == 3:
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, self.moe_classes)
+        self.model_config = model.config
+        optimizer = ds_setup.make_optimizer(model, recipe.train, recipe.deepspeed.offload_optimizer)
+        scheduler = ds_setup.make_scheduler(optimizer, recipe.train, total_steps)
+        import deepspeed
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=ds_setup.deepspeed_config(recipe.deepspeed, recipe.train, world_size))
+        self.device = self.engine.device
+        self.stream = SFTStream(recipe.data, self.tokenizer, rank, world_size, recipe.train.micro_batch_size)
+        self.step = 0
+
+    def _add_lora(self, model: torch.nn.Module) -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        lora = self.recipe.lora
+        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+    def info(self) -> dict[str, Any]:
+        total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
+        trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                        for p in self.engine.module.parameters() if p.requires_grad)
+        return {"parameters": total, "trainable": trainable, "moe": bool(self.moe_classes),
+                "backend": self.backend, "device": str(self.device), "rows": self.stream.total_rows}
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step: grad_accum micro-batches of forward + backward, then the update."""
+        started = time.perf_counter()
+        sums = {"loss": 0.0, "lm_loss": 0.0, "balance_loss": 0.0, "tokens": 0, "target_tokens": 0, "samples": 0}
+        for _ in range(self.recipe.train.grad_accum):
+            batch = self.stream.next_batch()
+            loss, parts = self._loss(batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value
+            sums["tokens"] += batch.num_tokens
+            sums["target_tokens"] += batch.num_target_tokens
+            sums["samples"] += batch.num_samples
+        self.step += 1
+        accum = self.recipe.train.grad_accum
+        metrics = {key: (value / accum if "loss" in key else value) for key, value in sums.items()}
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics.update(
+            lr=self.engine.get_lr()[0], grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+            epoch=self.stream.epoch_progress, compute_s=time.perf_counter() - started,
+            **{f"data/{k}": v for k, v in self.stream.counters.items()})
+        return metrics
+
+    def _loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        moe = bool(self.moe_classes)
+        outputs = self.engine(
+            input_ids=batch.input_ids.to(self.device), position_ids=batch.position_ids.to(self.device),
+            attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(self.device),
+            output_router_logits=moe, use_cache=False)
+        lm_loss, _ = token_mean_nll(outputs.logits, batch.labels.to(self.device))
+        parts = {"lm_loss": lm_loss.item()}
+        loss = lm_loss
+        if moe:
+            balance = self._balance_losses(outputs.router_logits, batch.segment_ids.to(self.device))
+            for name, value in balance.items():
+                parts[f"balance/{name}"] = value.item()
+            loss = loss + sum(balance.values())
+            parts["balance_loss"] = float(sum(v.item() for v in balance.values()))
+        parts["loss"] = loss.item()
+        return loss, parts
+
+    def _balance_losses(self, router_logits: tuple[torch.Tensor, ...], segment_ids: torch.Tensor
+                        ) -> dict[str, torch.Tensor]:
+        from align.models.balance import moe_balance_loss
+
+        cfg, moe = self.model_config, self.recipe.moe
+        return moe_balance_loss(
+            router_logits, segment_ids.flatten(), top_k=cfg.num_experts_per_tok,
+            n_devices=moe.n_devices or cfg.n_group, max_devices=moe.max_devices or cfg.topk_group,
+            alpha_expert=moe.alpha_expert, alpha_device=moe.alpha_device, alpha_comm=moe.alpha_comm,
+            method=cfg.topk_method, n_groups=cfg.n_group, topk_groups=cfg.topk_group)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The policy's logits for a batch [rows, width] (collective under ZeRO-3), as a CPU tensor."""
+        self.engine.eval()
+        try:
+            return self.engine(input_ids=input_ids.to(self.device), use_cache=False).logits.float().cpu()
+        finally:
+            self.engine.train()
+
+    def save_state(self, directory: str) -> None:
+        """Collective: DeepSpeed engine state (weights, optimizer, scheduler) plus this rank's data position."""
+        self.engine.save_checkpoint(directory, tag="engine", client_state={"step": self.step})
+        (Path(directory) / f"data_rank{self.rank}.json").write_text(json.dumps(self.stream.position()))
+
+    def load_state(self, directory: str) -> int:
+        """Restore engine state and replay the data stream to the saved position; returns the step."""
+        _, client_state = self.engine.load_checkpoint(directory, tag="engine")
+        self.step = int(client_state["step"])
+        self.stream.seek(json.loads((Path(directory) / f"data_rank{self.rank}.json").read_text()))
+        return self.step
+
+    def export_hf(self, directory: str) -> None:
+        """Collective: rank 0 writes a transformers checkpoint (safetensors + tokenizer + chat template)."""
+        module = self.engine.module
+        with gathered(module, self.recipe.deepspeed.zero_stage):
+            state = full_state_dict(module) if self.rank == 0 else None
+        if self.rank == 0:
+            base = module.get_base_model() if self.recipe.lora.enabled else module
+            base.save_pretrained(directory, state_dict=state)
+            self.tokenizer.save_pretrained(directory)
+            if self.recipe.lora.enabled:
+                module.save_pretrained(str(Path(directory) / "adapter"))
+        torch.distributed.barrier()

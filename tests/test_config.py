@@ -1,0 +1,90 @@
+"""Recipe validation: every mistake is one line naming the file and the key, before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from align.config import RecipeError, load_sft_recipe
+from tests.conftest import TINY_RECIPE
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(TINY_RECIPE.read_text() + text)
+    return path
+
+
+def test_shipped_recipe_loads_with_typed_values():
+    recipe = load_sft_recipe(TINY_RECIPE)
+    assert recipe.train.lr == pytest.approx(2e-3)
+    assert recipe.train.global_batch_size == 8 * 1 * 2
+    assert recipe.model.preset == "deepseek-v2-tiny"
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    recipe = load_sft_recipe(TINY_RECIPE, ["train.lr=1e-4", "deepspeed.zero_stage=3", "data.packing=false"])
+    assert recipe.train.lr == pytest.approx(1e-4)
+    assert recipe.deepspeed.zero_stage == 3
+    assert recipe.data.packing is False
+
+
+@pytest.mark.parametrize(("key", "meant"), [("micro_batchsize", "micro_batch_size"), ("learning_rate", "lr")])
+def test_unknown_key_suggests_the_close_one(key, meant):
+    with pytest.raises(RecipeError, match=rf"sft-tiny.yaml: unknown key train.{key} \(did you mean train.{meant}\?\)"):
+        load_sft_recipe(TINY_RECIPE, [f"train.{key}=1"])
+
+
+def test_unknown_key_in_the_file_names_the_file(tmp_path):
+    path = write(tmp_path, "\nlogging: {every: 3}\n")
+    with pytest.raises(RecipeError, match=rf"^{path}: unknown key logging$"):
+        load_sft_recipe(path)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(RecipeError, match=r"train.micro_batch_size: expected an integer, got 'eight'"):
+        load_sft_recipe(TINY_RECIPE, ["train.micro_batch_size=eight"])
+
+
+def test_wrong_choice_lists_the_choices():
+    with pytest.raises(RecipeError, match=r"deepspeed.precision: 'fp8' is not one of 'fp32', 'bf16'"):
+        load_sft_recipe(TINY_RECIPE, ["deepspeed.precision=fp8"])
+
+
+def test_missing_data_file_is_named():
+    with pytest.raises(RecipeError, match=r"data.train\[0\]: file not found: nowhere.jsonl"):
+        load_sft_recipe(TINY_RECIPE, ["data.train=[nowhere.jsonl]"])
+
+
+def test_batch_arithmetic_that_does_not_divide():
+    with pytest.raises(RecipeError, match=r"global_batch_size=30 != micro_batch_size 8 x grad_accum 1 x "
+                                          r"cluster.num_workers 2 = 16"):
+        load_sft_recipe(TINY_RECIPE, ["train.global_batch_size=30"])
+
+
+def test_model_path_that_is_not_a_model(tmp_path):
+    with pytest.raises(RecipeError, match=r"model.path: .* is not a model directory \(no config.json\)"):
+        load_sft_recipe(TINY_RECIPE, ["model.preset=null", f"model.path={tmp_path}"])
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(RecipeError, match=r"model.preset: unknown preset 'deepseek-v9'; choose one of .*"
+                                          r"deepseek-v2-tiny"):
+        load_sft_recipe(TINY_RECIPE, ["model.preset=deepseek-v9"])
+
+
+def test_invalid_yaml_reports_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  preset: x\n train: [\n")
+    with pytest.raises(RecipeError, match=rf"{path}:\d+: invalid YAML"):
+        load_sft_recipe(path)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "align.cli", "sft", str(TINY_RECIPE), "train.lr=fast"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"align: error: {TINY_RECIPE}: train.lr: expected a number, got 'fast'"]
