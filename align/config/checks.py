@@ -7,6 +7,7 @@ from pathlib import Path
 
 from align.config.loader import RecipeError, load_recipe
 from align.config.schema import ModelConfig, SFTRecipe
+from align.models.tokenizers import DEEPSEEK_PACKAGE
 
 
 def load_sft_recipe(path: str | Path, overrides: list[str] | None = None) -> SFTRecipe:
@@ -37,6 +38,10 @@ def check_model_source(model: ModelConfig, source: str) -> None:
             raise RecipeError(f"{source}: model.preset: unknown preset {model.preset!r}; "
                               f"choose one of {', '.join(sorted(PRESETS))}")
     tokenizer = model.tokenizer or model.path
+    if tokenizer is None:
+        raise RecipeError(f"{source}: model.tokenizer is required with model.preset")
+    if tokenizer == DEEPSEEK_PACKAGE:
+        return
     if not (Path(tokenizer) / "tokenizer_config.json").is_file() and not (
             Path(tokenizer) / "tokenizer.json").is_file():
         raise RecipeError(f"{source}: model.tokenizer: {tokenizer} holds no tokenizer "

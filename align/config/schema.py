@@ -24,8 +24,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.path is None):
             raise ValueError("set exactly one of model.preset and model.path")
-        if self.preset is not None and self.tokenizer is None:
-            raise ValueError("model.tokenizer is required with model.preset")
 
 
 @dataclass

@@ -41,15 +41,21 @@ def check_messages(messages: Any, origin: str, key: str = "messages") -> list[di
     return messages
 
 
-def render_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def render_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False, origin: str = ""
+               ) -> list[int]:
     """Token ids of the chat template's rendering (the template writes BOS itself)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    import jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as err:
+        raise DataError(f"{origin}: the chat template rejects this conversation: {err}") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def tokenize_chat(tokenizer: Any, messages: list[dict], max_length: int, origin: str = "") -> Sample:
     """Tokenize a conversation; labels are the token ids of assistant turns, IGNORE_INDEX elsewhere."""
-    input_ids = render_ids(tokenizer, messages)
+    input_ids = render_ids(tokenizer, messages, origin=origin)
     labels = [IGNORE_INDEX] * len(input_ids)
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":

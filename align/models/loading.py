@@ -12,20 +12,11 @@ import torch
 from torch import nn
 
 from align.config.schema import ModelConfig
+from align.models.tokenizers import load_tokenizer
+
+__all__ = ["build_model", "is_moe", "load_tokenizer", "moe_block_classes"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def load_tokenizer(path: str) -> Any:
-    """Tokenizer with a chat template and a pad token (EOS stands in when the tokenizer has none)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        raise ValueError(f"{path}: tokenizer has no chat template")
-    return tokenizer
 
 
 def build_model(config: ModelConfig, tokenizer: Any) -> nn.Module:

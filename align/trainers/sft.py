@@ -30,11 +30,11 @@ from align.trainers.sft_learner import SFTLearner
 def estimate_total_steps(recipe: SFTRecipe, mean_tokens: float, total_rows: int) -> int:
     """Optimizer steps for `train.max_steps`, or for `train.epochs` passes at the expected packing.
 
-    samples per row ~ floor(0.95 * max_length / mean tokens per sample) when packing, else 1.
+    samples per row ~ 0.95 * max_length / mean tokens per sample when packing (rows fill to about 95%), else 1.
     """
     if recipe.train.max_steps > 0:
         return recipe.train.max_steps
-    per_row = max(1, math.floor(0.95 * recipe.data.max_length / mean_tokens)) if recipe.data.packing else 1
+    per_row = max(1.0, 0.95 * recipe.data.max_length / mean_tokens) if recipe.data.packing else 1.0
     samples_per_step = recipe.train.global_batch_size * per_row
     return max(1, math.ceil(total_rows * recipe.train.epochs / samples_per_step))
 
