@@ -88,3 +88,10 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"align: error: {TINY_RECIPE}: train.lr: expected a number, got 'fast'"]
+
+
+def test_mapping_overrides_reach_the_model_section():
+    recipe = load_sft_recipe(TINY_RECIPE, ["model.preset_overrides={kv_lora_rank: 512, qk_rope_head_dim: 64}"])
+    assert recipe.model.preset_overrides == {"kv_lora_rank": 512, "qk_rope_head_dim": 64}
+    with pytest.raises(RecipeError, match=r"model.preset_overrides: expected a mapping, got int"):
+        load_sft_recipe(TINY_RECIPE, ["model.preset_overrides=3"])

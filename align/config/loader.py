@@ -129,7 +129,7 @@ def convert(hint: Any, value: Any, source: str, key: str) -> Any:
         if not isinstance(value, list):
             raise RecipeError(f"{source}: {key}: expected a list, got {type(value).__name__}")
         return [convert(args[0], item, source, f"{key}[{i}]") for i, item in enumerate(value)]
-    if origin is dict:
+    if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{source}: {key}: expected a mapping, got {type(value).__name__}")
         return dict(value)

@@ -26,7 +26,8 @@ def main() -> None:
                                            add_generation_prompt=True) for p in prompts]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    dtype = os.environ.get("ALIGN_CHECK_DTYPE", "float32")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     hf = []
     for prompt_ids in ids:
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=24, do_sample=False,
@@ -34,7 +35,7 @@ def main() -> None:
         hf.append(out[0, len(prompt_ids):].tolist())
 
     # The CPU rotary custom op mishandles DeepSeek-V2's 3-D q/k (ENVIRONMENT.md): use the native one.
-    llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=512,
+    llm = LLM(model=model_dir, dtype=dtype, enforce_eager=True, max_model_len=512,
               compilation_config={"custom_ops": ["-rotary_embedding"]}, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=24)
     outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
