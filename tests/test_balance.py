@@ -184,12 +184,14 @@ def test_invalid_configuration_raises(kwargs: dict, message: str) -> None:
 # The tiny preset routes top-2 among topk_group=2 of 4 groups: the two best experts always lie in the
 # two best groups, so there its group limit never changes a choice. topk_group=1 makes it bite.
 @pytest.mark.parametrize(
-    ("method", "topk_group", "limit_bites"),
-    [("greedy", 2, False), ("group_limited_greedy", 2, False), ("group_limited_greedy", 1, True)],
+    ("method", "n_group", "topk_group", "limit_bites"),
+    # top-2 within 2 of 4 groups never binds (the two best experts lie in the two best groups); the
+    # preset's 1 of 2 groups does.
+    [("greedy", 2, 1, False), ("group_limited_greedy", 4, 2, False), ("group_limited_greedy", 2, 1, True)],
 )
-def test_route_matches_transformers_gate(method: str, topk_group: int, limit_bites: bool) -> None:
+def test_route_matches_transformers_gate(method: str, n_group: int, topk_group: int, limit_bites: bool) -> None:
     torch.manual_seed(0)
-    config = deepseek_v2_tiny(topk_method=method, topk_group=topk_group)
+    config = deepseek_v2_tiny(topk_method=method, n_group=n_group, topk_group=topk_group)
     model = DeepseekV2ForCausalLM(config).eval()
     gates = [layer.mlp.gate for layer in model.model.layers[config.first_k_dense_replace:]]
     captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -214,6 +216,7 @@ def test_route_matches_transformers_gate(method: str, topk_group: int, limit_bit
         assert torch.equal(chosen, torch.zeros_like(chosen).scatter_(1, gate_indices, 1.0))
         _, greedy = route(layer_logits, config.num_experts_per_tok)
         changed_by_limit += int((greedy != chosen).any(dim=-1).sum())
-        groups_used = chosen.view(-1, config.n_group, 2).amax(dim=-1).sum(dim=-1)
+        group_size = config.n_routed_experts // config.n_group
+        groups_used = chosen.view(-1, config.n_group, group_size).amax(dim=-1).sum(dim=-1)
         assert method == "greedy" or int(groups_used.max()) <= config.topk_group
     assert (changed_by_limit > 0) == limit_bites

@@ -142,3 +142,16 @@ def test_a_role_the_template_rejects_is_a_data_error(tokenizer):
     with pytest.raises(DataError, match=r"rows.jsonl:2: the chat template rejects this conversation"):
         tokenize_chat(tokenizer, [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}], 64,
                       "rows.jsonl:2")
+
+
+def test_parquet_and_hf_dataset_directories_stream_like_jsonl(tmp_path):
+    import datasets
+
+    rows = [{"messages": CHAT}, {"messages": CHAT[:3]}]
+    dataset = datasets.Dataset.from_list(rows)
+    dataset.to_parquet(str(tmp_path / "chat.parquet"))
+    dataset.save_to_disk(str(tmp_path / "chat-hf"))
+    for source, origin in ((tmp_path / "chat.parquet", "chat.parquet:row 2"), (tmp_path / "chat-hf", "chat-hf:row 2")):
+        read = list(iter_rows(source))
+        assert [r.data["messages"] for r in read] == [r["messages"] for r in rows]
+        assert read[1].origin.endswith(origin)

@@ -21,17 +21,22 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.mark.parametrize(("zero_stage", "lora"), [(2, False), (3, False), (2, True)])
-def test_export_reloads_to_identical_logits(ray_session, tmp_path, zero_stage, lora):
+@pytest.mark.parametrize(("zero_stage", "lora", "extra"), [
+    (2, False, []),
+    (3, False, []),
+    (2, True, []),
+    # bf16 with fp32 master weights in DeepSpeed's CPU Adam (optimizer offload), accumulating 2 micro-batches
+    (2, False, ["deepspeed.precision=bf16", "deepspeed.offload_optimizer=true", "train.grad_accum=2"]),
+])
+def test_export_reloads_to_identical_logits(ray_session, tmp_path, zero_stage, lora, extra):
     recipe = load_sft_recipe(TINY_RECIPE, [f"deepspeed.zero_stage={zero_stage}", "cluster.num_workers=1",
-                                           f"lora.enabled={str(lora).lower()}", "train.lr=1e-2"])
+                                           f"lora.enabled={str(lora).lower()}", "train.lr=1e-2", *extra])
     group = WorkerGroup("export-test", 1, 1, 0, "PACK", worker_env(1), timeout_s=300)
     try:
         address, port = group.rendezvous()
         group.construct(SFTLearner, [{"recipe": recipe, "rank": 0, "world_size": 1, "master_addr": address,
                                       "master_port": port, "total_steps": 10}])
-        for _ in range(3):
-            group.call("train_step")
+        losses = [group.call("train_step")[0]["lm_loss"] for _ in range(3)]
         input_ids = torch.randint(3, 1000, (2, 40))
         trained = group.call("logits", input_ids)[0]
         group.call("export_hf", str(tmp_path))
@@ -40,9 +45,11 @@ def test_export_reloads_to_identical_logits(ray_session, tmp_path, zero_stage, l
 
     from transformers import AutoModelForCausalLM
 
+    assert losses[-1] < losses[0]
     model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert model.dtype == (torch.bfloat16 if "deepspeed.precision=bf16" in extra else torch.float32)
     with torch.no_grad():
-        reloaded = model(input_ids=input_ids, use_cache=False).logits
+        reloaded = model(input_ids=input_ids, use_cache=False).logits.float()
     # Full weights reload bit for bit. Merged LoRA computes (W + BA)x where training computed Wx + B(Ax):
     # the same function, rounded differently in fp32, so it gets float tolerance.
     tolerance = 1e-5 if lora else 0.0

@@ -35,6 +35,10 @@ def shuffle_buffered(items: Iterable[T], buffer_size: int, rng: random.Random) -
 class SFTStream:
     """Endless batches for one rank; epochs wrap around so every rank always has a next batch."""
 
+    epoch: int  # current epoch, set by _start_epoch
+    rows_read: int  # rows of this rank's shard consumed (past the shuffle buffer) in the current epoch
+    batches_served: int  # batches handed out in the current epoch
+
     def __init__(self, config: SFTDataConfig, tokenizer: Any, rank: int, world_size: int, rows: int):
         self.config = config
         self.tokenizer = tokenizer
@@ -44,10 +48,6 @@ class SFTStream:
             raise DataError(f"{', '.join(config.train)}: {self.total_rows} rows cannot feed {world_size} workers")
         self.counters = {"bad_rows": 0, "truncated": 0, "empty_after_truncation": 0}
         self._start_epoch(0)
-
-    epoch: int  # current epoch, set by _start_epoch
-    rows_read: int  # rows of this rank's shard consumed (past the shuffle buffer) in the current epoch
-    batches_served: int  # batches handed out in the current epoch
 
     @property
     def epoch_progress(self) -> float:

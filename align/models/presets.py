@@ -70,8 +70,10 @@ def deepseek_v2_tiny(vocab_size: int = 1024, **overrides: Any) -> DeepseekV2Conf
         "n_routed_experts": 8,
         "num_experts_per_tok": 2,
         "first_k_dense_replace": 1,
-        "n_group": 4,
-        "topk_group": 2,
+        # Device-limited routing that binds: 2 device groups of 4 experts, each token's top-2 taken within
+        # its single best group (M = 1 of D = 2), as V2 takes M = 3 of D = 8.
+        "n_group": 2,
+        "topk_group": 1,
         "topk_method": "group_limited_greedy",
         "max_position_embeddings": 1024,
         "tie_word_embeddings": False,

@@ -107,7 +107,7 @@ def _train(recipe: SFTRecipe, group: WorkerGroup, run_dir: Path, total_steps: in
 
     log = MetricsLog(run_dir)
     first_loss = last = None
-    tokens_seen, started = 0, time.perf_counter()
+    tokens_seen, train_seconds = 0, 0.0
     bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True)
     try:
         while not _finished(recipe, step, total_steps, last):
@@ -115,6 +115,7 @@ def _train(recipe: SFTRecipe, group: WorkerGroup, run_dir: Path, total_steps: in
             last = reduce_metrics(group.call("train_step"), time.perf_counter() - step_started)
             step += 1
             tokens_seen += last["tokens"]
+            train_seconds += last["step_s"]
             first_loss = last["lm_loss"] if first_loss is None else first_loss
             if step % recipe.output.log_every == 0:
                 log.log(step, last)
@@ -132,12 +133,11 @@ def _train(recipe: SFTRecipe, group: WorkerGroup, run_dir: Path, total_steps: in
     final = export_model(group, run_dir)
     plot = plot_curves(run_dir / "metrics.jsonl", ["lm_loss", "balance_loss", "tokens_per_s", "lr"],
                        run_dir / "loss.png", f"align sft: {run_dir.name}")
-    elapsed = time.perf_counter() - started
     summary = {"steps": step, "first_loss": first_loss, "final_loss": last["lm_loss"],
-               "tokens": tokens_seen, "tokens_per_s": tokens_seen / elapsed, "model": str(final),
+               "tokens": tokens_seen, "tokens_per_s": tokens_seen / train_seconds, "model": str(final),
                "plot": str(plot), "run_dir": str(run_dir)}
     print(f"align sft: done, {step} steps, loss {first_loss:.3f} -> {last['lm_loss']:.3f}, "
-          f"{summary['tokens_per_s']:.0f} tokens/s; model: {final}; curves: {plot}")
+          f"{summary['tokens_per_s']:.0f} tokens/s while training; model: {final}; curves: {plot}")
     return summary
 
 
