@@ -16,10 +16,9 @@ one after the other (never two at once):
 
 Both sides train the model of `model.preset` (fresh weights from `model.seed`, fp32, same attention and
 expert kernels) on the first rows of `data.train`, batch `train.micro_batch_size`, rows of `data.max_length`
-tokens, loss on assistant tokens only, no gradient checkpointing. TRL's `assistant_only_loss` needs
-`{% generation %}` markers, which our tiny chat template lacks, so the TRL side gets the same template with
-markers around each assistant turn; every run checks that TRL's assistant mask equals align's labels, token
-for token, on its first rows (`label_check` in the JSON), so both train on the same target tokens.
+tokens, loss on assistant tokens only, no gradient checkpointing. TRL's `assistant_only_loss` reads the
+`{% generation %}` markers of our chat template; every run checks that TRL's assistant mask equals align's
+labels, token for token, on its first rows (`label_check` in the JSON), so both train on the same tokens.
 
 tokens/s = non-padding tokens processed / wall time of steady-state steps (steps after `--warmup`), summed over
 those steps. align: `tokens` and `step_s` of metrics.jsonl (driver wall time of one `train_step` call,
@@ -71,11 +70,6 @@ LABELS = {
     "trl-wrapped": "TRL wrapped packing (cross-sample attention!)",
 }
 
-# The tiny template's assistant turn, and the same turn with TRL's generation markers around exactly the
-# tokens align trains on: everything after the generation prompt "Assistant:", end-of-sentence included.
-ASSISTANT_TURN = "{{ 'Assistant: ' + message['content'] + eos_token }}"
-MARKED_ASSISTANT_TURN = ("{{ 'Assistant:' }}{% generation %}{{ ' ' + message['content'] + eos_token }}"
-                         "{% endgeneration %}")
 
 
 def subprocess_env() -> dict[str, str]:
@@ -134,21 +128,13 @@ def bench_trl(mode: str, recipe: str, steps: int, warmup: int, work: Path) -> di
 
 # ---- the TRL side, run in a subprocess of its own (`--trl-worker MODE`) ----
 
-def assistant_marked_template(template: str) -> str:
-    """The tiny chat template with `{% generation %}` markers around each assistant reply."""
-    if ASSISTANT_TURN not in template:
-        raise ValueError("the chat template is not data/tokenizer-tiny's; mark its assistant turn with "
-                         "{% generation %} ... {% endgeneration %} for TRL's assistant_only_loss by hand")
-    return template.replace(ASSISTANT_TURN, MARKED_ASSISTANT_TURN)
-
-
-def check_labels(tokenizer: Any, template: str, rows: list[dict], max_length: int) -> str:
+def check_labels(tokenizer: Any, rows: list[dict], max_length: int) -> str:
     """Raise unless TRL's assistant mask and token ids equal align's labels and ids on every row."""
     from align.data.chat import IGNORE_INDEX, tokenize_chat
 
     for number, row in enumerate(rows, start=1):
         ours = tokenize_chat(tokenizer, row["messages"], max_length)
-        theirs = tokenizer.apply_chat_template(row["messages"], chat_template=template, tokenize=True,
+        theirs = tokenizer.apply_chat_template(row["messages"], tokenize=True,
                                                return_dict=True, return_assistant_tokens_mask=True)
         mask = [int(label != IGNORE_INDEX) for label in ours.labels]
         if theirs["input_ids"][:max_length] != ours.input_ids or theirs["assistant_masks"][:max_length] != mask:
@@ -179,11 +165,10 @@ def trl_worker(mode: str, recipe_path: str, steps: int, warmup: int, result_path
     torch.set_num_threads(1)
     recipe = load_sft_recipe(recipe_path, BENCH_OVERRIDES)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
-    tokenizer.chat_template = assistant_marked_template(tokenizer.chat_template)
     batch, max_length = recipe.train.micro_batch_size, recipe.data.max_length
     # About 3.7 samples fill a packed row here; 8 per row is ample, and beyond it TRL only tokenizes more up front.
     rows = read_rows(recipe.data.train[0], steps * batch * 8)
-    label_check = check_labels(tokenizer, tokenizer.chat_template, rows[:LABEL_CHECK_ROWS], max_length)
+    label_check = check_labels(tokenizer, rows[:LABEL_CHECK_ROWS], max_length)
     model = build_model(recipe.model, tokenizer)
 
     class StepClock(TrainerCallback):

@@ -25,22 +25,16 @@ import jinja2
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from align.models.tokenizers import DEEPSEEK_V2_CHAT_TEMPLATE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜pad｜>"
 VOCAB_SIZE = 1024  # specials included
 
-# DeepSeek-V2-Chat's format: BOS once, "User: ...\n\n", "Assistant: ...<eos>", system text + "\n\n".
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
-    "{% elif message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-    "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+# The DeepSeek-V2-Chat format, with generation markers (align/models/tokenizers.py); the markers render no
+# text, and plain jinja2 (used below to render training text) does not know them.
+CHAT_TEMPLATE = DEEPSEEK_V2_CHAT_TEMPLATE
+PLAIN_TEMPLATE = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 
 Message = dict[str, str]
 
@@ -59,7 +53,7 @@ def raise_exception(message: str) -> None:
 def training_texts(conversations: list[list[Message]]) -> Iterator[str]:
     """Conversations rendered by the chat template, so "User:"/"Assistant:" get merges of their own, cut at
     the special tokens, which the BPE trainer would otherwise split into bytes and learn merges for."""
-    template = jinja2.Environment().from_string(CHAT_TEMPLATE)
+    template = jinja2.Environment().from_string(PLAIN_TEMPLATE)
     special = re.compile("|".join(re.escape(token) for token in (BOS, EOS, PAD)))
     for messages in conversations:
         text = template.render(messages=messages, bos_token=BOS, eos_token=EOS,

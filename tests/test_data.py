@@ -155,3 +155,14 @@ def test_parquet_and_hf_dataset_directories_stream_like_jsonl(tmp_path):
         read = list(iter_rows(source))
         assert [r.data["messages"] for r in read] == [r["messages"] for r in rows]
         assert read[1].origin.endswith(origin)
+
+
+def test_template_generation_markers_agree_with_our_labels(tokenizer):
+    """transformers' (and so TRL's) assistant mask from the template's markers equals align's labels."""
+    for line in TINY_SFT.read_text().splitlines()[:100]:
+        messages = json.loads(line)["messages"]
+        ours = tokenize_chat(tokenizer, messages, max_length=4096)
+        theirs = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                               return_assistant_tokens_mask=True)
+        assert theirs["input_ids"] == ours.input_ids
+        assert theirs["assistant_masks"] == [int(label != IGNORE_INDEX) for label in ours.labels]

@@ -7,11 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# The DeepSeek-V2-Chat conversation format: "User: ...\n\nAssistant: ...<eos>", system text first.
+# The DeepSeek-V2-Chat conversation format: "User: ...\n\nAssistant: ...<eos>", system text first. The
+# `{% generation %}` markers (they render nothing) enclose what the model produces after the generation
+# prompt "Assistant:", so transformers' and TRL's assistant masks equal the labels align computes.
 DEEPSEEK_V2_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant:' }}"
+    "{% generation %}{{ ' ' + message['content'] + eos_token }}{% endgeneration %}"
     "{% elif message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
     "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
