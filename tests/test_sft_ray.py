@@ -60,6 +60,9 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     common = [str(TINY_RECIPE), f"output.dir={run_dir}", "output.save_every=5", "train.warmup_steps=2"]
     first = run_align("sft", *common, "train.max_steps=10")
     assert first.returncode == 0, first.stderr[-3000:]
+    # As if the driver had died after logging step 12 but before its next checkpoint (step 15).
+    with (run_dir / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": 11, "lm_loss": 0.0}) + "\n" + json.dumps({"step": 12, "lm_loss": 0.0}) + "\n")
     again = run_align("sft", *common, "train.max_steps=10")
     assert again.returncode == 2 and "already holds a run" in again.stderr
     resumed = run_align("sft", *common, "train.max_steps=15", "--resume")

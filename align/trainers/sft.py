@@ -8,6 +8,7 @@ The driver holds no model; it decides when to step, save and stop, and reports p
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -100,6 +101,7 @@ def _train(recipe: SFTRecipe, group: WorkerGroup, run_dir: Path, total_steps: in
     latest = checkpoint.latest_checkpoint(run_dir / "checkpoints") if resume else None
     if latest is not None:
         step = group.call("load_state", str(latest))[0]
+        truncate_metrics(run_dir / "metrics.jsonl", step)
     print(f"align sft: {info['parameters'] / 1e6:.2f}M parameters ({info['trainable'] / 1e6:.2f}M trainable), "
           f"{'MoE' if info['moe'] else 'dense'}, {world} x DeepSpeed ZeRO-{recipe.deepspeed.zero_stage} on "
           f"{info['backend']}, {info['rows']} rows, {total_steps} steps" +
@@ -145,6 +147,13 @@ def _finished(recipe: SFTRecipe, step: int, total_steps: int, last: dict | None)
     if recipe.train.max_steps > 0 or last is None:
         return step >= total_steps
     return last["epoch"] >= recipe.train.epochs
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint a run resumes from: those steps are about to run again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def save_checkpoint(group: WorkerGroup, run_dir: Path, step: int, keep_last: int) -> Path:
