@@ -97,13 +97,12 @@ class SFTDataConfig:
 
 
 @dataclass
-class SFTTrainConfig:
-    epochs: float = option(1.0, "passes over the data (ignored when max_steps > 0)")
-    max_steps: int = option(0, "optimizer steps; 0: derived from epochs")
+class OptimConfig:
+    """The optimizer, schedule and batch split every learner shares (SFT, GRPO)."""
+
     micro_batch_size: int = option(8, "rows per forward/backward on each worker")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
-    global_batch_size: int | None = option(None, "rows per optimizer step; must equal micro x accum x workers")
-    lr: float = option(2e-5, "peak learning rate (DeepSeek-V2 SFT: 5e-6)")
+    lr: float = option(2e-5, "peak learning rate (DeepSeek-V2 SFT: 5e-6; DeepSeekMath GRPO: 1e-6)")
     min_lr_ratio: float = option(0.1, "final lr as a fraction of peak")
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", "decay after warm-up")
     warmup_steps: int = option(0, "linear warm-up steps")
@@ -111,6 +110,13 @@ class SFTTrainConfig:
     betas: list[float] = option([0.9, 0.95], "AdamW betas")
     max_grad_norm: float = option(1.0, "gradient clipping (0 disables)")
     seed: int = option(0, "seed for dropout and other training randomness")
+
+
+@dataclass
+class SFTTrainConfig(OptimConfig):
+    epochs: float = option(1.0, "passes over the data (ignored when max_steps > 0)")
+    max_steps: int = option(0, "optimizer steps; 0: derived from epochs")
+    global_batch_size: int | None = option(None, "rows per optimizer step; must equal micro x accum x workers")
 
 
 @dataclass

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from align.config.schema import DeepSpeedConfig, SFTTrainConfig
+from align.config.schema import DeepSpeedConfig, LoRAConfig, ModelConfig, MoEBalanceConfig, OptimConfig
+from align.models.loading import build_model, moe_block_classes
 from align.trainers.schedule import lr_factor
 
 
@@ -40,7 +41,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def deepspeed_config(ds: DeepSpeedConfig, train: SFTTrainConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(ds: DeepSpeedConfig, train: OptimConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config the recipe implies."""
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -61,7 +62,7 @@ def deepspeed_config(ds: DeepSpeedConfig, train: SFTTrainConfig, world_size: int
     return config
 
 
-def make_optimizer(model: nn.Module, train: SFTTrainConfig, offload: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, train: OptimConfig, offload: bool) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; DeepSpeed's CPU Adam when optimizer states live on the CPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = {"lr": train.lr, "betas": tuple(train.betas), "weight_decay": train.weight_decay}
@@ -72,8 +73,45 @@ def make_optimizer(model: nn.Module, train: SFTTrainConfig, offload: bool) -> to
     return torch.optim.AdamW(params, **kwargs)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, train: SFTTrainConfig, total_steps: int) -> Any:
+def make_scheduler(optimizer: torch.optim.Optimizer, train: OptimConfig, total_steps: int) -> Any:
     def factor(step: int) -> float:
         return lr_factor(step, train.warmup_steps, total_steps, train.schedule, train.min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_policy_engine(model_cfg: ModelConfig, lora: LoRAConfig, ds: DeepSpeedConfig, train: OptimConfig,
+                        world_size: int, total_steps: int, tokenizer: Any) -> tuple[Any, list[type[nn.Module]]]:
+    """The trainable policy in a DeepSpeed engine: model (+ LoRA), ZeRO-3 leaf MoE blocks, AdamW, lr schedule.
+    Returns the engine and the model's MoE block classes (empty for dense models)."""
+    import deepspeed
+
+    model = build_model(model_cfg, tokenizer)
+    moe_classes = moe_block_classes(model)
+    if lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    if moe_classes and ds.zero_stage == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, moe_classes)
+    optimizer = make_optimizer(model, train, ds.offload_optimizer)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=make_scheduler(optimizer, train, total_steps),
+                                           config=deepspeed_config(ds, train, world_size))
+    return engine, moe_classes
+
+
+def balance_losses_for(router_logits: tuple[torch.Tensor, ...], segment_ids: torch.Tensor, model_config: Any,
+                       moe: MoEBalanceConfig) -> dict[str, torch.Tensor]:
+    """DeepSeekMoE balance losses with the routing and device grouping of `model_config` (overridable in
+    the recipe's `moe` section). segment_ids: [tokens], sequence index per token, -1 where ignored."""
+    from align.models.balance import moe_balance_loss
+
+    return moe_balance_loss(
+        router_logits, segment_ids, top_k=model_config.num_experts_per_tok,
+        n_devices=moe.n_devices or model_config.n_group, max_devices=moe.max_devices or model_config.topk_group,
+        alpha_expert=moe.alpha_expert, alpha_device=moe.alpha_device, alpha_comm=moe.alpha_comm,
+        method=model_config.topk_method, n_groups=model_config.n_group, topk_groups=model_config.topk_group)

@@ -20,7 +20,7 @@ from align.data.chat import IGNORE_INDEX
 from align.data.packing import Batch
 from align.data.stream import SFTStream
 from align.models.export import full_state_dict, gathered
-from align.models.loading import build_model, load_tokenizer, moe_block_classes
+from align.models.loading import load_tokenizer
 from align.trainers import engine as ds_setup
 
 
@@ -46,32 +46,12 @@ class SFTLearner:
                                                    recipe.cluster.backend)
         ds_setup.seed_everything(recipe.train.seed + rank)
         self.tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
-        model = build_model(recipe.model, self.tokenizer)
-        self.moe_classes = moe_block_classes(model)
-        if recipe.lora.enabled:
-            model = self._add_lora(model)
-        if self.moe_classes and recipe.deepspeed.zero_stage == 3:
-            from deepspeed.utils import set_z3_leaf_modules
-
-            set_z3_leaf_modules(model, self.moe_classes)
-        self.model_config = model.config
-        optimizer = ds_setup.make_optimizer(model, recipe.train, recipe.deepspeed.offload_optimizer)
-        scheduler = ds_setup.make_scheduler(optimizer, recipe.train, total_steps)
-        import deepspeed
-
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=ds_setup.deepspeed_config(recipe.deepspeed, recipe.train, world_size))
+        self.engine, self.moe_classes = ds_setup.build_policy_engine(
+            recipe.model, recipe.lora, recipe.deepspeed, recipe.train, world_size, total_steps, self.tokenizer)
+        self.model_config = self.engine.module.config
         self.device = self.engine.device
         self.stream = SFTStream(recipe.data, self.tokenizer, rank, world_size, recipe.train.micro_batch_size)
         self.step = 0
-
-    def _add_lora(self, model: torch.nn.Module) -> torch.nn.Module:
-        from peft import LoraConfig, get_peft_model
-
-        lora = self.recipe.lora
-        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 
     def info(self) -> dict[str, Any]:
         total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
@@ -114,24 +94,14 @@ class SFTLearner:
         parts = {"lm_loss": lm_loss.item()}
         loss = lm_loss
         if moe:
-            balance = self._balance_losses(outputs.router_logits, batch.segment_ids.to(self.device))
+            balance = ds_setup.balance_losses_for(outputs.router_logits, batch.segment_ids.to(self.device).flatten(),
+                                                  self.model_config, self.recipe.moe)
             for name, value in balance.items():
                 parts[f"balance/{name}"] = value.item()
             loss = loss + sum(balance.values())
             parts["balance_loss"] = float(sum(v.item() for v in balance.values()))
         parts["loss"] = loss.item()
         return loss, parts
-
-    def _balance_losses(self, router_logits: tuple[torch.Tensor, ...], segment_ids: torch.Tensor
-                        ) -> dict[str, torch.Tensor]:
-        from align.models.balance import moe_balance_loss
-
-        cfg, moe = self.model_config, self.recipe.moe
-        return moe_balance_loss(
-            router_logits, segment_ids.flatten(), top_k=cfg.num_experts_per_tok,
-            n_devices=moe.n_devices or cfg.n_group, max_devices=moe.max_devices or cfg.topk_group,
-            alpha_expert=moe.alpha_expert, alpha_device=moe.alpha_device, alpha_comm=moe.alpha_comm,
-            method=cfg.topk_method, n_groups=cfg.n_group, topk_groups=cfg.topk_group)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""The GRPO recipe schema. Defaults follow DeepSeekMath (arXiv 2402.03300, section 4) where it gives one;
+later variants (DAPO, Dr. GRPO, GSPO, TIS) are options, each named after its paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from align.config.loader import option
+from align.config.schema import (
+    ClusterConfig,
+    DeepSpeedConfig,
+    LoRAConfig,
+    ModelConfig,
+    MoEBalanceConfig,
+    OptimConfig,
+    OutputConfig,
+)
+
+
+@dataclass
+class PromptDataConfig:
+    train: list[str] = option([], "prompt rows: .jsonl/.parquet/HF dataset dirs with a chat prompt column")
+    prompt_key: str = option("prompt", "column holding the prompt messages [{role, content}]")
+    answer_key: str = option("answer", "column passed to rewards as the reference answer")
+    heldout: str | None = option(None, "held-out prompt rows for accuracy before/after training")
+    heldout_limit: int = option(200, "held-out problems to score")
+    max_prompt_length: int = option(256, "prompts longer than this (tokens) are an error")
+    seed: int = option(0, "prompt order seed")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["auto", "torch", "vllm"] = option(
+        "auto", "generation engine; auto: vllm for dense models where it is installed, torch otherwise")
+    num_workers: int = option(1, "rollout engines (Ray actors)")
+    cpus_per_worker: float = option(1, "Ray CPUs per engine")
+    gpus_per_worker: float = option(0, "Ray GPUs per engine")
+    threads_per_worker: int = option(1, "torch threads per engine")
+    max_new_tokens: int = option(64, "completion length cap (DeepSeekMath: 1024)")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling mass")
+
+
+@dataclass
+class RewardSpec:
+    name: str = option(help="registered reward name or module:attribute")
+    weight: float = option(1.0, "coefficient c_k in r = sum_k c_k * R_k (DeepSeek-V2 stage 2)")
+    args: dict = option({}, "keyword arguments for the reward")
+
+
+@dataclass
+class AlgorithmConfig:
+    steps: int = option(50, "rollout -> update iterations")
+    prompts_per_step: int = option(8, "prompts sampled per step")
+    group_size: int = option(8, "G completions per prompt (DeepSeekMath: 64)")
+    kl_coef: float = option(0.04, "beta of the k3 KL to the reference in the loss (DeepSeekMath: 0.04); 0 drops it")
+    clip_eps: float = option(0.2, "PPO clip epsilon (lower side)")
+    clip_eps_high: float | None = option(None, "upper clip epsilon; set above clip_eps for DAPO's clip-higher")
+    aggregation: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = option(
+        "seq_mean_token_mean", "loss aggregation: DeepSeekMath / DAPO token mean / Dr. GRPO constant denominator")
+    ratio_level: Literal["token", "sequence"] = option("token", "importance ratio per token, or per sequence (GSPO)")
+    advantage_scale: Literal["group", "batch", "none"] = option("group", "divide advantages by group/batch std")
+    updates_per_batch: int = option(1, "mu: policy updates per rollout batch (DeepSeekMath: 1)")
+    tis_cap: float | None = option(None, "truncated importance-sampling cap for rollout/learner mismatch")
+    dynamic_sampling: bool = option(False, "drop groups whose rewards are all equal and refill (DAPO)")
+    max_refills: int = option(3, "extra rollouts per step when dynamic sampling lacks informative groups")
+    truncated: Literal["keep", "mask", "penalty"] = option("keep", "what happens to outputs cut at max_new_tokens")
+    truncation_penalty: float = option(-1.0, "reward given to truncated outputs when truncated=penalty")
+    reference_reset_every: int = option(0, "reset the reference to the policy every N steps (0: never)")
+    seed: int = option(0, "sampling seed; step s samples with seed + s")
+
+
+@dataclass
+class GRPORecipe:
+    model: ModelConfig = option(help="the policy's starting point, usually an align sft checkpoint")
+    data: PromptDataConfig = option(PromptDataConfig(), "prompts")
+    rollout: RolloutConfig = option(RolloutConfig(), "generation")
+    rewards: list[RewardSpec] = option([], "weighted rewards")
+    algorithm: AlgorithmConfig = option(AlgorithmConfig(), "GRPO")
+    train: OptimConfig = option(OptimConfig(lr=1e-6, schedule="constant"), "optimisation of the policy")
+    moe: MoEBalanceConfig = option(MoEBalanceConfig(), "MoE balance losses (ignored for dense models)")
+    lora: LoRAConfig = option(LoRAConfig(), "LoRA adapters")
+    deepspeed: DeepSpeedConfig = option(DeepSpeedConfig(), "DeepSpeed engine of the learners")
+    cluster: ClusterConfig = option(ClusterConfig(), "Ray learner workers")
+    output: OutputConfig = option(OutputConfig(dir="runs/grpo"), "run directory and logging")
+
+    def __post_init__(self) -> None:
+        if not self.data.train:
+            raise ValueError("data.train lists no files")
+        if not self.rewards:
+            raise ValueError("rewards lists no reward")
+        completions = self.algorithm.prompts_per_step * self.algorithm.group_size
+        per_learner, rest = divmod(completions, self.cluster.num_workers)
+        if rest or per_learner % self.train.micro_batch_size:
+            raise ValueError(
+                f"algorithm.prompts_per_step {self.algorithm.prompts_per_step} x group_size "
+                f"{self.algorithm.group_size} = {completions} completions must split into cluster.num_workers "
+                f"{self.cluster.num_workers} x a multiple of train.micro_batch_size {self.train.micro_batch_size}")
+        derived = per_learner // self.train.micro_batch_size
+        if self.train.grad_accum not in (1, derived):
+            raise ValueError(f"train.grad_accum is derived for GRPO (completions per learner / micro_batch_size = "
+                             f"{derived}); leave it out")
+        self.train.grad_accum = derived

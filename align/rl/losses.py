@@ -1,0 +1,279 @@
+"""GRPO policy losses, the k3 KL estimator and the truncated importance weight, as pure functions on tensors.
+
+Notation: B completions (B = P * G rows), T padded completion tokens, `logp` [B, T] the learner's
+log pi_theta(o_t | q, o_<t) with gradient, `old_logp` the same under pi_old (the policy that sampled,
+recomputed by the learner, no gradient), `mask` [B, T] 1 on completion tokens that count.
+
+The objective to maximise (DeepSeekMath, arXiv 2402.03300, eq. 3), per token:
+
+    r_t   = pi_theta / pi_old = exp(logp_t - old_logp_t)
+    J_t   = min(r_t * A_t, clip(r_t, 1 - eps_low, 1 + eps_high) * A_t) - beta * KL_t
+
+and the loss is -aggregate(J). Which aggregate, and the TRL 1.16 `loss_type` that computes the same:
+
+    seq_mean_token_mean      1/B sum_i 1/|o_i| sum_t J_it        DeepSeekMath          TRL "grpo"
+    token_mean               sum_i sum_t J_it / sum_i |o_i|      DAPO                  TRL "dapo" (token count of
+                                                                                       the whole accumulated batch)
+                                                                                       or "bnpo" (this batch's)
+    seq_mean_token_sum_norm  sum_i sum_t J_it / (B * L_max)      Dr. GRPO              TRL "dr_grpo"
+
+Sequence-level ratios (GSPO, arXiv 2507.18071) are TRL's `importance_sampling_level="sequence"`.
+Loss is the negative objective, to minimise.
+"""
+
+from collections.abc import Callable
+from functools import partial
+from typing import Literal, Protocol
+
+import torch
+
+Aggregation = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
+RatioLevel = Literal["token", "sequence"]
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) (Schulman 2020), unbiased and always >= 0.
+
+        KL_t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 = exp(ref_logp - logp) - (ref_logp - logp) - 1
+
+    Args:
+        logp: [B, T] log pi_theta, with gradient.
+        ref_logp: [B, T] log pi_ref of the frozen reference.
+
+    Returns:
+        [B, T].
+    """
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def truncated_is_weights(learner_old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weight (TIS) for the rollout-engine vs learner mismatch, detached.
+
+        w_t = min(pi_old_learner / pi_rollout, C) = min(exp(learner_old_logp_t - rollout_logp_t), C)
+
+    The rollout engine (vLLM) samples from slightly different probabilities than the learner computes for the
+    same weights; w_t multiplies the per-token surrogate (not the KL term) to correct for that. Equal to TRL's
+    `vllm_importance_sampling_mode="token_truncate"` with `vllm_importance_sampling_clip_max=C`.
+
+    Args:
+        learner_old_logp: [B, T] log pi_old as the learner computes it.
+        rollout_logp: [B, T] log-probabilities the rollout engine returned with the samples.
+        cap: C, the upper bound of the weight.
+
+    Returns:
+        [B, T] weights in [0, C], no gradient.
+    """
+    return torch.exp(learner_old_logp - rollout_logp).clamp(max=cap).detach()
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def seq_mean_token_mean(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    max_completion_length: int | None = None,
+    num_tokens: float | None = None,
+) -> torch.Tensor:
+    """DeepSeekMath / TRL "grpo": mean over each sequence's tokens, then over sequences.
+
+        L = 1/B sum_i ( sum_t m_it * l_it / max(sum_t m_it, 1) )
+
+    Args:
+        per_token_loss: [B, T] (or [B, 1], broadcast over the mask).
+        mask: [B, T] float.
+        max_completion_length, num_tokens: unused; every aggregation takes the same arguments.
+    """
+    per_sequence = (per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
+    return per_sequence.mean()
+
+
+def token_mean(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    max_completion_length: int | None = None,
+    num_tokens: float | None = None,
+) -> torch.Tensor:
+    """DAPO: every token weighs the same, whatever the length of its sequence.
+
+        L = sum_it m_it * l_it / N,   N = num_tokens, or sum_it m_it (clamped to >= 1) when None
+
+    Pass `num_tokens` = the token count of the whole accumulated (and data-parallel) batch when this batch
+    is one micro-batch of it, so the summed gradients equal one token mean (TRL "dapo"); None is the
+    micro-batch's own mean (TRL "bnpo").
+
+    Args:
+        per_token_loss: [B, T] (or [B, 1], broadcast over the mask).
+        mask: [B, T] float.
+        max_completion_length: unused.
+        num_tokens: the denominator N, if not this batch's own token count.
+    """
+    denominator = mask.sum().clamp(min=1) if num_tokens is None else max(num_tokens, 1.0)
+    return (per_token_loss * mask).sum() / denominator
+
+
+def seq_mean_token_sum_norm(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    max_completion_length: int | None = None,
+    num_tokens: float | None = None,
+) -> torch.Tensor:
+    """Dr. GRPO / TRL "dr_grpo": token sum over a constant denominator, so length carries no bias.
+
+        L = sum_it m_it * l_it / (B * L_max)
+
+    Args:
+        per_token_loss: [B, T] (or [B, 1], broadcast over the mask).
+        mask: [B, T] float.
+        max_completion_length: L_max, required.
+        num_tokens: unused.
+    """
+    if max_completion_length is None:
+        raise ValueError("seq_mean_token_sum_norm needs max_completion_length (the constant denominator)")
+    return (per_token_loss * mask).sum() / (mask.shape[0] * max_completion_length)
+
+
+class AggregationFn(Protocol):
+    def __call__(
+        self,
+        per_token_loss: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        max_completion_length: int | None = None,
+        num_tokens: float | None = None,
+    ) -> torch.Tensor: ...
+
+
+AGGREGATIONS: dict[str, AggregationFn] = {
+    "seq_mean_token_mean": seq_mean_token_mean,
+    "token_mean": token_mean,
+    "seq_mean_token_sum_norm": seq_mean_token_sum_norm,
+}
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    kl_ratio_weighted: bool = False,
+    aggregation: Aggregation = "seq_mean_token_mean",
+    ratio_level: RatioLevel = "token",
+    max_completion_length: int | None = None,
+    num_tokens: float | None = None,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped-surrogate GRPO loss with optional k3 KL penalty, clip-higher, GSPO ratios and TIS.
+
+    Per token (token level):
+
+        r_t = exp(logp_t - old_logp_t)
+        l_t = -min(r_t * A_t, clip(r_t, 1 - eps_low, 1 + eps_high) * A_t) * w_t + beta * KL_t
+        loss = AGGREGATIONS[aggregation](l, mask)
+
+    w_t = is_weights (TIS, no gradient; 1 if None), KL_t = kl_k3(logp, ref_logp), or KL_t * r_t when
+    `kl_ratio_weighted` (DeepSeek-V3.2's unbiased KL gradient under off-policy samples; TRL's
+    `use_bias_correction_kl`, on by default there, off in DeepSeekMath).
+
+    Sequence level (GSPO): one ratio per sequence from the length-normalised log-ratio,
+
+        s_i = exp( sum_t m_it (logp_it - old_logp_it) / |o_i| )
+
+    used in place of r_t for every token of sequence i (shape [B, 1], broadcast over T); the gradient flows
+    through the mean, d s_i / d logp_it = s_i / |o_i| (as TRL 1.16 computes it, no stop-gradient). With
+    "seq_mean_token_mean" and one advantage per sequence this is exactly GSPO's
+    -1/B sum_i min(s_i A_i, clip(s_i) A_i).
+
+    Masked tokens (mask 0) contribute neither value nor gradient; they must hold finite numbers.
+    beta == 0 skips the KL term entirely, so ref_logp may be None.
+
+    Args:
+        logp: [B, T] learner log-probs of the sampled tokens, with gradient.
+        old_logp: [B, T] log-probs under pi_old, no gradient (logp.detach() when on-policy, mu = 1).
+        advantages: [B] (outcome supervision) or [B, T] (process supervision).
+        mask: [B, T] bool or 0/1, the tokens that count.
+        eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high]; eps_high defaults to eps_low
+            (DAPO's clip-higher uses eps_high = 0.28 > eps_low = 0.2).
+        beta: KL coefficient; 0 skips the reference model.
+        ref_logp: [B, T] reference log-probs, required when beta != 0.
+        kl_ratio_weighted: multiply KL_t by the (differentiable) ratio, see above.
+        aggregation: name in AGGREGATIONS.
+        ratio_level: "token" (PPO/GRPO) or "sequence" (GSPO).
+        max_completion_length: L_max for "seq_mean_token_sum_norm".
+        num_tokens: token-count denominator for "token_mean" (see `token_mean`).
+        is_weights: [B, T] or [B, 1] truncated IS weights from `truncated_is_weights`, or None.
+
+    Returns:
+        loss: scalar tensor to minimise.
+        metrics: detached floats, named and computed as TRL logs them: "clip_ratio/low_mean" (fraction of
+            tokens with r < 1 - eps_low and A < 0), "clip_ratio/high_mean" (r > 1 + eps_high and A > 0),
+            "clip_ratio/region_mean" (either), "ratio_mean", and "kl" when beta != 0. Token-level values are
+            means over masked tokens; sequence-level ratios are means over sequences.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {sorted(AGGREGATIONS)}, got {aggregation!r}")
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError("beta != 0 needs ref_logp")
+    eps_high = eps_low if eps_high is None else eps_high
+    mask = mask.to(logp.dtype)
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # [B, 1] or [B, T]
+
+    log_ratio = logp - old_logp  # [B, T]
+    if ratio_level == "token":
+        log_weight = log_ratio
+    elif ratio_level == "sequence":
+        log_weight = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(1)  # [B, 1]
+    else:
+        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
+    ratio = torch.exp(log_weight)  # [B, T] or [B, 1]
+    clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    if is_weights is not None:
+        per_token_loss = per_token_loss * is_weights
+
+    metrics: dict[str, float] = {}
+    if beta != 0.0:
+        per_token_kl = kl_k3(logp, ref_logp)  # [B, T]
+        if kl_ratio_weighted:
+            per_token_kl = per_token_kl * ratio
+        per_token_loss = per_token_loss + beta * per_token_kl
+        metrics["kl"] = _masked_mean(per_token_kl.detach(), mask).item()
+
+    loss = AGGREGATIONS[aggregation](
+        per_token_loss, mask, max_completion_length=max_completion_length, num_tokens=num_tokens
+    )
+
+    with torch.no_grad():
+        low = ((ratio < 1 - eps_low) & (advantages < 0)).to(logp.dtype)
+        high = ((ratio > 1 + eps_high) & (advantages > 0)).to(logp.dtype)
+
+        def mean(values: torch.Tensor) -> float:
+            # A [B, 1] value is one per sequence: average sequences, as TRL does, not tokens.
+            return (values.mean() if values.shape[1] == 1 else _masked_mean(values, mask)).item()
+
+        metrics["clip_ratio/low_mean"] = mean(low)
+        metrics["clip_ratio/high_mean"] = mean(high)
+        metrics["clip_ratio/region_mean"] = mean(torch.maximum(low, high))
+        metrics["ratio_mean"] = mean(ratio)
+    return loss, metrics
+
+
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+# Recipes name a loss by string; each entry is `policy_loss` with the aggregation (and ratio level) fixed.
+POLICY_LOSSES: dict[str, PolicyLossFn] = {
+    "grpo": partial(policy_loss, aggregation="seq_mean_token_mean"),  # TRL loss_type="grpo"
+    "dapo": partial(policy_loss, aggregation="token_mean"),  # TRL "dapo" (num_tokens given) / "bnpo" (None)
+    "dr_grpo": partial(policy_loss, aggregation="seq_mean_token_sum_norm"),  # TRL "dr_grpo"
+    "gspo": partial(policy_loss, aggregation="seq_mean_token_mean", ratio_level="sequence"),  # TRL "grpo" + sequence
+}

@@ -1,0 +1,135 @@
+"""One GRPO learner: the policy in a DeepSpeed engine, a frozen reference beside it, and the policy update.
+
+A plain Python object; the GRPO driver runs N of them as a Ray actor group. Each receives its shard of
+the rollout batch as tensors and takes `updates_per_batch` optimizer steps on it (gradients averaged
+across learners by DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from align.config.grpo_schema import GRPORecipe
+from align.models.export import full_state_dict, gathered
+from align.models.loading import build_model, load_tokenizer
+from align.rl.losses import kl_k3, policy_loss, truncated_is_weights
+from align.trainers import engine as ds_setup
+
+
+@dataclass
+class RolloutShard:
+    """A learner's part of one rollout batch. Rows hold prompt + completion, right-padded."""
+
+    input_ids: torch.Tensor  # [rows, width]
+    completion_mask: torch.Tensor  # [rows, width] float, 1 on completion tokens that count in the loss
+    rollout_logp: torch.Tensor  # [rows, width], the engine's log-probs on completion tokens, 0 elsewhere
+    advantages: torch.Tensor  # [rows]
+    global_tokens: int  # completion tokens in the whole batch, all learners (token-mean normaliser)
+    global_rows: int  # rows that count in the whole batch, all learners
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log pi(x_t | x_<t) aligned with `input_ids` (position 0 gets 0): logits [B, T, V] -> [B, T]."""
+    logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    logp[:, 1:] = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return logp
+
+
+class GRPOLearner:
+    def __init__(self, recipe: GRPORecipe, rank: int, world_size: int, master_addr: str, master_port: int):
+        torch.set_num_threads(recipe.cluster.threads_per_worker)
+        self.recipe, self.rank, self.world_size = recipe, rank, world_size
+        self.backend = ds_setup.init_process_group(rank, world_size, master_addr, master_port,
+                                                   recipe.cluster.backend)
+        ds_setup.seed_everything(recipe.train.seed + rank)
+        tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
+        self.engine, self.moe_classes = ds_setup.build_policy_engine(
+            recipe.model, recipe.lora, recipe.deepspeed, recipe.train, world_size, recipe.algorithm.steps, tokenizer)
+        self.model_config = self.engine.module.config
+        # The reference is a frozen copy of the starting policy, outside DeepSpeed (beta 0: none at all).
+        self.reference = build_model(recipe.model, tokenizer).eval().requires_grad_(False) \
+            if recipe.algorithm.kl_coef > 0 else None
+        self.device = self.engine.device
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+    def policy_state(self, all_ranks: bool = False) -> dict[str, torch.Tensor] | None:
+        """Collective: the full policy weights (LoRA merged), on rank 0 only unless `all_ranks`."""
+        with gathered(self.engine.module, self.recipe.deepspeed.zero_stage):
+            return full_state_dict(self.engine.module) if all_ranks or self.rank == 0 else None
+
+    def reset_reference(self) -> None:
+        """Iterative RL: the reference becomes the current policy."""
+        state = self.policy_state(all_ranks=True)
+        if self.reference is not None:
+            self.reference.load_state_dict(state)
+
+    @torch.no_grad()
+    def _logprobs(self, model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+        return token_logprobs(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+
+    def update(self, shard: RolloutShard) -> dict[str, float]:
+        """`updates_per_batch` optimizer steps on this shard; returns loss, KL, clip and timing metrics."""
+        started = time.perf_counter()
+        algo, micro = self.recipe.algorithm, self.recipe.train.micro_batch_size
+        rows = shard.input_ids.shape[0]
+        slices = [slice(i, i + micro) for i in range(0, rows, micro)]
+        to = lambda t: t.to(self.device)  # noqa: E731
+        ref_logp = [self._logprobs(self.reference, to(shard.input_ids[s])) for s in slices] \
+            if self.reference is not None else [None] * len(slices)
+        # pi_old: the policy that sampled. With one update and no TIS its log-probs equal the learner's own
+        # at the first pass, so they are taken from that pass (detached) instead of an extra forward.
+        need_old = algo.updates_per_batch > 1 or algo.tis_cap is not None
+        old_logp = [self._logprobs(self.engine, to(shard.input_ids[s])) for s in slices] if need_old else None
+        sums: dict[str, float] = {}
+        for _ in range(algo.updates_per_batch):
+            for index, s in enumerate(slices):
+                input_ids, mask = to(shard.input_ids[s]), to(shard.completion_mask[s])
+                outputs = self.engine(input_ids=input_ids, use_cache=False, output_router_logits=bool(self.moe_classes))
+                logp = token_logprobs(outputs.logits, input_ids)
+                old = old_logp[index] if old_logp is not None else logp.detach()
+                is_weights = None
+                if algo.tis_cap is not None:
+                    is_weights = truncated_is_weights(old, to(shard.rollout_logp[s]), algo.tis_cap)
+                loss, metrics = policy_loss(
+                    logp, old, to(shard.advantages[s]), mask, eps_low=algo.clip_eps, eps_high=algo.clip_eps_high,
+                    beta=algo.kl_coef, ref_logp=ref_logp[index], aggregation=algo.aggregation,
+                    ratio_level=algo.ratio_level, max_completion_length=self.recipe.rollout.max_new_tokens,
+                    is_weights=is_weights)
+                loss = loss * self._share(mask, shard, len(slices))
+                if self.moe_classes:
+                    loss = loss + sum(self._balance(outputs.router_logits, mask).values())
+                self.engine.backward(loss)
+                self.engine.step()
+                for key, value in {"loss": loss.item(), **metrics}.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                if ref_logp[index] is not None:
+                    kl = (kl_k3(logp.detach(), ref_logp[index]) * mask).sum() / mask.sum().clamp(min=1)
+                    sums["kl"] = sums.get("kl", 0.0) + kl.item()
+        passes = algo.updates_per_batch * len(slices)
+        result = {key: value / passes for key, value in sums.items()}
+        grad_norm = self.engine.get_global_grad_norm()
+        result.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                      lr=self.engine.get_lr()[0], update_s=time.perf_counter() - started)
+        return result
+
+    def _share(self, mask: torch.Tensor, shard: RolloutShard, micro_batches: int) -> float:
+        """Scale a micro-batch loss so that DeepSpeed's averaging (over micro-batches and learners) yields
+        the batch-wide aggregate: count_here * micro_batches * learners / count_in_batch, where count is
+        completion tokens for the token mean and counted rows otherwise."""
+        if self.recipe.algorithm.aggregation == "token_mean":
+            here, total = float(mask.sum()), shard.global_tokens
+        else:
+            here, total = float((mask.sum(-1) > 0).sum()), shard.global_rows
+        return here * micro_batches * self.world_size / max(total, 1)
+
+    def _balance(self, router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Balance losses over each completion's tokens (one segment per row)."""
+        rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
+        segments = torch.where(mask > 0, rows, torch.full_like(rows, -1)).flatten()
+        return ds_setup.balance_losses_for(router_logits, segments, self.model_config, self.recipe.moe)
