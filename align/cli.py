@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from align.config import RecipeError, SFTRecipe, load_recipe, load_sft_recipe
+from align.config import RecipeError, SFTRecipe, load_grpo_recipe, load_recipe, load_sft_recipe
 from align.data.sources import DataError
 
 # One BLAS thread per process unless the user says otherwise (contended vCPUs stall with more).
@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     sft.add_argument("--check", action="store_true", help="validate the recipe and data, then exit")
     sft.add_argument("--plan", action="store_true",
                      help="print parameter counts and per-learner memory (model built on the meta device), then exit")
+    grpo = commands.add_parser("grpo", help="GRPO reinforcement learning from a policy checkpoint")
+    grpo.add_argument("recipe", help="YAML recipe (see recipes/)")
+    grpo.add_argument("overrides", nargs="*", help="section.key=value changes to the recipe (anywhere on the line)")
     evaluate = commands.add_parser("eval", help="held-out math accuracy of a model (greedy decoding)")
     evaluate.add_argument("model", help="HF checkpoint directory, or a preset name for an untrained baseline")
     evaluate.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
@@ -31,15 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--max-new-tokens", type=int, default=128)
     evaluate.add_argument("--show", type=int, default=3, help="completions to print")
     args, extra = parser.parse_known_args(argv)
-    unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg or args.command != "sft"]
+    unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg or args.command == "eval"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command == "sft":
+    if args.command in ("sft", "grpo"):
         args.overrides = [*args.overrides, *extra]
     if args.command == "eval":
         return run_eval(args)
 
     try:
+        if args.command == "grpo":
+            from align.trainers.grpo import run_grpo
+
+            run_grpo(load_grpo_recipe(args.recipe, args.overrides))
+            return 0
         if args.plan:  # planning needs the model's shape only, not the data or the weights
             return print_plan(load_recipe(SFTRecipe, args.recipe, args.overrides))
         recipe = load_sft_recipe(args.recipe, args.overrides)

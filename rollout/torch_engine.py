@@ -116,11 +116,10 @@ class TorchEngine:
         return completions
 
 
-def build_engine(model_path: str, dtype: str = "float32", threads: int | None = 1, **_: Any) -> TorchEngine:
-    """An engine over a local HF checkpoint (what the pipeline's rollout actors construct)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def build_engine(model_config: Any, threads: int | None = 1) -> TorchEngine:
+    """An engine over the policy a recipe's `model` section names (a local checkpoint or a preset); the
+    pipeline then syncs the learners' weights into it before the first rollout."""
+    from align.models.loading import build_model, load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return TorchEngine(model, tokenizer.eos_token_id, pad, threads)
+    tokenizer = load_tokenizer(model_config.tokenizer or model_config.path)
+    return TorchEngine(build_model(model_config, tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, threads)

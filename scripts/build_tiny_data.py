@@ -5,7 +5,10 @@ arithmetic, or GRPO afterwards has no reward signal to amplify. So the default t
 reasoning-gym generators with a knob each: chain sums of 2-3 numbers of 1-2 digits and leg counting
 word problems with 2-3 kinds of animals, 1-5 of each. reasoning-gym gives no chain of thought for them,
 so one is written here: one small operation per line ("47 + 8 = 55"), then `#### N`. English
-chatterbot-corpus conversations (multi-turn kept whole) make the rows chat-shaped.
+chatterbot-corpus conversations (multi-turn kept whole) make the rows chat-shaped. Measured with the
+deepseek-v2-tiny preset (about 1M parameters) at the sft-tiny recipe's batch and learning rate, greedy
+accuracy on sft-tiny/heldout was about 3% after 1-2 epochs, 36% after 3 and 69% after 4: the defaults
+are learnable, but only past about 1000 steps, and the two-digit three-term sums leave room for GRPO.
 
 All four splits are drawn from seeds 10**7 apart (reasoning-gym seeds item idx with `seed + idx`, so
 nearby seeds would replay the same items) and deduplicated on question text across splits, held-out

@@ -19,7 +19,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jinja2
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -45,7 +45,7 @@ def load_conversations(path: Path) -> list[list[Message]]:
         return [json.loads(line)["messages"] for line in f]
 
 
-def raise_exception(message: str) -> None:
+def raise_exception(message: str) -> NoReturn:
     """Lets the template reject bad roles while rendering training text, as transformers' renderer does."""
     raise ValueError(message)
 

@@ -95,3 +95,21 @@ def test_mapping_overrides_reach_the_model_section():
     assert recipe.model.preset_overrides == {"kv_lora_rank": 512, "qk_rope_head_dim": 64}
     with pytest.raises(RecipeError, match=r"model.preset_overrides: expected a mapping, got int"):
         load_sft_recipe(TINY_RECIPE, ["model.preset_overrides=3"])
+
+
+def test_section_defaults_keep_their_own_values():
+    from align.config.grpo_schema import GRPORecipe
+    from align.config.loader import build
+
+    recipe = build(GRPORecipe, {"model": {"path": "x"}, "data": {"train": ["p.jsonl"]},
+                                "rewards": [{"name": "math_answer"}]}, "r.yaml")
+    assert recipe.output.dir == "runs/grpo" and recipe.train.lr == 1e-6 and recipe.train.schedule == "constant"
+    assert recipe.train.grad_accum == 8 * 8 // 2 // 8  # prompts x G / learners / micro-batch
+
+
+def test_grpo_batch_that_does_not_split_over_learners():
+    from align.config import load_grpo_recipe
+
+    with pytest.raises(RecipeError, match=r"prompts_per_step 3 x group_size 8 = 24 completions must split into "
+                                          r"cluster.num_workers 2 x a multiple of train.micro_batch_size 16"):
+        load_grpo_recipe("recipes/grpo-tiny.yaml", ["algorithm.prompts_per_step=3", "model.path=data/tokenizer-tiny"])

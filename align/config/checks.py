@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from align.config.grpo_schema import GRPORecipe
 from align.config.loader import RecipeError, load_recipe
 from align.config.schema import ModelConfig, SFTRecipe
 from align.models.tokenizers import DEEPSEEK_PACKAGE
@@ -18,6 +19,25 @@ def load_sft_recipe(path: str | Path, overrides: list[str] | None = None) -> SFT
     for i, data_path in enumerate(recipe.data.train):
         if not Path(data_path).exists():
             raise RecipeError(f"{source}: data.train[{i}]: file not found: {data_path}")
+    return recipe
+
+
+def load_grpo_recipe(path: str | Path, overrides: list[str] | None = None) -> GRPORecipe:
+    """Load, type-check and file-check a GRPO recipe."""
+    recipe = load_recipe(GRPORecipe, path, overrides)
+    source = str(path)
+    check_model_source(recipe.model, source)
+    files = [(f"data.train[{i}]", p) for i, p in enumerate(recipe.data.train)] + [("data.heldout", recipe.data.heldout)]
+    for key, data_path in files:
+        if data_path is not None and not Path(data_path).exists():
+            raise RecipeError(f"{source}: {key}: file not found: {data_path}")
+    from rewards.registry import get_reward
+
+    for i, spec in enumerate(recipe.rewards):
+        try:
+            get_reward(spec.name)
+        except (KeyError, ImportError, AttributeError) as err:
+            raise RecipeError(f"{source}: rewards[{i}].name: {err}") from None
     return recipe
 
 

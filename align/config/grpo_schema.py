@@ -66,7 +66,8 @@ class AlgorithmConfig:
     tis_cap: float | None = option(None, "truncated importance-sampling cap for rollout/learner mismatch")
     dynamic_sampling: bool = option(False, "drop groups whose rewards are all equal and refill (DAPO)")
     max_refills: int = option(3, "extra rollouts per step when dynamic sampling lacks informative groups")
-    truncated: Literal["keep", "mask", "penalty"] = option("keep", "what happens to outputs cut at max_new_tokens")
+    truncated: Literal["none", "mask", "penalty"] = option(
+        "none", "outputs cut at max_new_tokens: kept, masked out of the loss (DAPO), or given truncation_penalty")
     truncation_penalty: float = option(-1.0, "reward given to truncated outputs when truncated=penalty")
     reference_reset_every: int = option(0, "reset the reference to the policy every N steps (0: never)")
     seed: int = option(0, "sampling seed; step s samples with seed + s")

@@ -7,6 +7,7 @@ to turn plain YAML data into dataclass instances of any schema.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -167,6 +168,5 @@ def to_dict(recipe: Any) -> dict:
 def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
     """A schema field with its one-line description; lists/dicts/dataclasses get a default factory."""
     if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
-        factory = (lambda d=default: type(d)(d)) if isinstance(default, list | dict) else type(default)
-        return dataclasses.field(default_factory=factory, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kwargs)
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)

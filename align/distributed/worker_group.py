@@ -82,7 +82,20 @@ class WorkerGroup:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Call `method` on every rank in parallel; results in rank order."""
-        return self._get([actor.call.remote(method, *args, **kwargs) for actor in self.actors], method)
+        return self._get(self.submit(method, *args, **kwargs), method)
+
+    def call_each(self, method: str, per_rank_args: Sequence[tuple]) -> list[Any]:
+        """Call `method` on every rank with that rank's own arguments (e.g. its shard of a batch)."""
+        refs = [actor.call.remote(method, *args) for actor, args in zip(self.actors, per_rank_args, strict=True)]
+        return self._get(refs, method)
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """Start `method` on every rank; the references can be passed on to other actors without a copy
+        through the driver (Ray resolves a reference given as an argument)."""
+        return [actor.call.remote(method, *args, **kwargs) for actor in self.actors]
+
+    def wait(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
+        return self._get(refs, what)
 
     def _get(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)

@@ -184,17 +184,21 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, cache_length: int) 
              = ((L_max - L_cache) - L) / L_cache   L_max - L_cache < L <= L_max
              = -1                                  L > L_max
 
-    equivalently clamp(((L_max - L_cache) - L) / L_cache, -1, 0).
+    equivalently clamp(((L_max - L_cache) - L) / L_cache, -1, 0); L_cache = 0 leaves only the cliff at L_max
+    (as TRL's `get_soft_overlong_punishment` does).
 
     Args:
         lengths: [N] completion lengths L in tokens.
         max_length: L_max.
-        cache_length: L_cache > 0, the width of the linear ramp before L_max.
+        cache_length: L_cache in [0, L_max], the width of the linear ramp before L_max.
 
     Returns:
         [N] float32 penalties in [-1, 0].
     """
-    if cache_length <= 0 or cache_length > max_length:
-        raise ValueError(f"need 0 < cache_length <= max_length, got {cache_length=} {max_length=}")
-    ramp = ((max_length - cache_length) - lengths.to(torch.float32)) / cache_length
+    if not 0 <= cache_length <= max_length:
+        raise ValueError(f"need 0 <= cache_length <= max_length, got {cache_length=} {max_length=}")
+    lengths = lengths.to(torch.float32)
+    if cache_length == 0:
+        return -(lengths > max_length).to(torch.float32)
+    ramp = ((max_length - cache_length) - lengths) / cache_length
     return ramp.clamp(min=-1.0, max=0.0)

@@ -11,14 +11,14 @@ The objective to maximise (DeepSeekMath, arXiv 2402.03300, eq. 3), per token:
 
 and the loss is -aggregate(J). Which aggregate, and the TRL 1.16 `loss_type` that computes the same:
 
-    seq_mean_token_mean      1/B sum_i 1/|o_i| sum_t J_it        DeepSeekMath          TRL "grpo"
-    token_mean               sum_i sum_t J_it / sum_i |o_i|      DAPO                  TRL "dapo" (token count of
-                                                                                       the whole accumulated batch)
-                                                                                       or "bnpo" (this batch's)
-    seq_mean_token_sum_norm  sum_i sum_t J_it / (B * L_max)      Dr. GRPO              TRL "dr_grpo"
+    seq_mean_token_mean      1/B sum_i 1/|o_i| sum_t J_it      DeepSeekMath    TRL "grpo"
+    token_mean               sum_i sum_t J_it / sum_i |o_i|    DAPO            TRL "dapo" or "bnpo"
+    seq_mean_token_sum_norm  sum_i sum_t J_it / (B * L_max)    Dr. GRPO        TRL "dr_grpo"
 
-Sequence-level ratios (GSPO, arXiv 2507.18071) are TRL's `importance_sampling_level="sequence"`.
-Loss is the negative objective, to minimise.
+TRL's "dapo" divides by the token count of the whole accumulated, all-process batch (our `num_tokens`),
+"bnpo" by the micro-batch's own (our `num_tokens=None`). Sequence-level ratios (GSPO, arXiv 2507.18071)
+are TRL's `importance_sampling_level="sequence"`. The loss is the negative objective, to minimise.
+tests/test_trl_parity.py checks every one of these against TRL's own loss code.
 """
 
 from collections.abc import Callable
@@ -256,16 +256,16 @@ def policy_loss(
     with torch.no_grad():
         low = ((ratio < 1 - eps_low) & (advantages < 0)).to(logp.dtype)
         high = ((ratio > 1 + eps_high) & (advantages > 0)).to(logp.dtype)
-
-        def mean(values: torch.Tensor) -> float:
-            # A [B, 1] value is one per sequence: average sequences, as TRL does, not tokens.
-            return (values.mean() if values.shape[1] == 1 else _masked_mean(values, mask)).item()
-
-        metrics["clip_ratio/low_mean"] = mean(low)
-        metrics["clip_ratio/high_mean"] = mean(high)
-        metrics["clip_ratio/region_mean"] = mean(torch.maximum(low, high))
-        metrics["ratio_mean"] = mean(ratio)
+        metrics["clip_ratio/low_mean"] = _logged_mean(low, mask)
+        metrics["clip_ratio/high_mean"] = _logged_mean(high, mask)
+        metrics["clip_ratio/region_mean"] = _logged_mean(torch.maximum(low, high), mask)
+        metrics["ratio_mean"] = _logged_mean(ratio, mask)
     return loss, metrics
+
+
+def _logged_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over counted tokens of a [B, T] value; a [B, 1] value is one per sequence: mean over sequences (TRL)."""
+    return (values.mean() if values.shape[1] == 1 else _masked_mean(values, mask)).item()
 
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from align.config.grpo_schema import GRPORecipe
 from align.models.export import full_state_dict, gathered
 from align.models.loading import build_model, load_tokenizer
-from align.rl.losses import kl_k3, policy_loss, truncated_is_weights
+from align.rl.losses import policy_loss, truncated_is_weights
 from align.trainers import engine as ds_setup
 
 
@@ -62,6 +62,16 @@ class GRPOLearner:
         """Collective: the full policy weights (LoRA merged), on rank 0 only unless `all_ranks`."""
         with gathered(self.engine.module, self.recipe.deepspeed.zero_stage):
             return full_state_dict(self.engine.module) if all_ranks or self.rank == 0 else None
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Collective under ZeRO-3: the learner's own greedy completions (to check weight sync against)."""
+        from rollout.torch_engine import SamplingConfig, TorchEngine
+
+        tokenizer = load_tokenizer(self.recipe.model.tokenizer or self.recipe.model.path)
+        engine = TorchEngine(self.engine.module, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        completions = engine.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0))
+        self.engine.module.train()
+        return [c.token_ids for c in completions]
 
     def reset_reference(self) -> None:
         """Iterative RL: the reference becomes the current policy."""
@@ -108,9 +118,6 @@ class GRPOLearner:
                 self.engine.step()
                 for key, value in {"loss": loss.item(), **metrics}.items():
                     sums[key] = sums.get(key, 0.0) + value
-                if ref_logp[index] is not None:
-                    kl = (kl_k3(logp.detach(), ref_logp[index]) * mask).sum() / mask.sum().clamp(min=1)
-                    sums["kl"] = sums.get("kl", 0.0) + kl.item()
         passes = algo.updates_per_batch * len(slices)
         result = {key: value / passes for key, value in sums.items()}
         grad_norm = self.engine.get_global_grad_norm()

@@ -1,0 +1,63 @@
+"""Prompt rows for RL: chat prompts rendered with the generation prompt, plus the reference answer.
+
+Prompt sets are small next to SFT corpora, so they are held in memory as token ids; the order is a
+seeded permutation per epoch, so step s always draws the same prompts for a given seed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from align.data.chat import check_messages, render_ids
+from align.data.sources import DataError, iter_rows
+
+
+@dataclass(frozen=True)
+class Prompt:
+    messages: list[dict[str, str]]
+    token_ids: list[int]
+    answer: Any
+    origin: str  # file:line
+
+
+def load_prompts(paths: list[str], tokenizer: Any, prompt_key: str, answer_key: str, max_length: int,
+                 limit: int | None = None) -> list[Prompt]:
+    prompts = []
+    for path in paths:
+        for row in iter_rows(path):
+            messages = row.data.get(prompt_key)
+            if isinstance(messages, list) and messages and messages[-1].get("role") == "user":
+                check_messages([*messages, {"role": "assistant", "content": ""}], row.origin, prompt_key)
+            else:
+                raise DataError(f"{row.origin}: '{prompt_key}' must be a list of messages ending with a user turn")
+            if answer_key not in row.data:
+                raise DataError(f"{row.origin}: no '{answer_key}' column")
+            ids = render_ids(tokenizer, messages, add_generation_prompt=True, origin=row.origin)
+            if len(ids) > max_length:
+                raise DataError(f"{row.origin}: prompt is {len(ids)} tokens, over data.max_prompt_length {max_length}")
+            prompts.append(Prompt(messages, ids, row.data[answer_key], row.origin))
+            if limit and len(prompts) == limit:
+                return prompts
+    if not prompts:
+        raise DataError(f"{', '.join(paths)}: no prompts")
+    return prompts
+
+
+class PromptSampler:
+    """Draws prompts without replacement, epoch after epoch, in a seeded order."""
+
+    def __init__(self, prompts: list[Prompt], seed: int):
+        self.prompts, self.seed = prompts, seed
+        self.position = 0  # prompts drawn so far, over all epochs
+
+    def next(self, count: int) -> list[Prompt]:
+        drawn = []
+        for _ in range(count):
+            epoch, index = divmod(self.position, len(self.prompts))
+            order = list(range(len(self.prompts)))
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            drawn.append(self.prompts[order[index]])
+            self.position += 1
+        return drawn

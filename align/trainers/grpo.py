@@ -1,0 +1,221 @@
+"""`align grpo`: the single-controller GRPO driver (DeepSeekMath / DeepSeek-V2 RL, critic-free).
+
+One step reads like the algorithm:
+
+    prompts     = sampler.next(P)
+    completions = rollout engines sample G outputs per prompt, with their log-probs
+    rewards     = r = sum_k c_k R_k(prompt, completion)                      [P, G]
+    advantages  = (r - mean_group(r)) / std_group(r)                          [P, G]
+    update      = learners take `updates_per_batch` clipped-surrogate steps (k3 KL to the reference)
+    sync        = the new policy weights go to the rollout engines
+
+Each phase is one call on a Ray actor group and is timed. The driver holds no model.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from align.config.grpo_schema import GRPORecipe
+from align.config.loader import to_dict
+from align.data.prompts import Prompt, PromptSampler, load_prompts
+from align.distributed.worker_group import WorkerGroup, start_ray, worker_env
+from align.metrics import MetricsLog, plot_curves
+from align.models.loading import load_tokenizer
+from align.rl.advantages import group_advantages, handle_truncated, zero_std_groups
+from align.trainers.grpo_learner import GRPOLearner, RolloutShard
+from rewards.answers import answers_match, extract_final_answer
+from rewards.registry import get_reward
+from rollout.torch_engine import Completion, SamplingConfig, build_engine
+
+
+class Phases:
+    """Wall time per phase of the current step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        yield
+        self.seconds[f"time/{name}_s"] = time.perf_counter() - started
+
+
+def score(recipe: GRPORecipe, prompts: list[Prompt], completions: list[Completion], texts: list[str]
+          ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the recipe's rewards, [P, G]; each reward's mean is logged on its own."""
+    answers = [prompts[c.prompt_index].answer for c in completions]
+    messages = [prompts[c.prompt_index].messages for c in completions]
+    total = torch.zeros(len(completions))
+    metrics = {}
+    for spec in recipe.rewards:
+        values = torch.tensor(get_reward(spec.name)(messages, texts, answers, **spec.args), dtype=torch.float32)
+        metrics[f"reward/{spec.name}"] = values.mean().item()
+        total += spec.weight * values
+    return total.view(len(prompts), recipe.algorithm.group_size), metrics
+
+
+def rollout_tensors(prompts: list[Prompt], completions: list[Completion], pad_id: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of prompt + completion, right-padded: (input_ids, completion_mask, rollout_logp), each [N, width]."""
+    width = max(len(prompts[c.prompt_index].token_ids) + len(c.token_ids) for c in completions)
+    input_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), width))
+    rollout_logp = torch.zeros((len(completions), width))
+    for r, completion in enumerate(completions):
+        prompt = prompts[completion.prompt_index].token_ids
+        end = len(prompt) + len(completion.token_ids)
+        input_ids[r, :end] = torch.tensor(prompt + completion.token_ids)
+        mask[r, len(prompt):end] = 1.0
+        rollout_logp[r, len(prompt):end] = torch.tensor(completion.logprobs)
+    return input_ids, mask, rollout_logp
+
+
+def split_shards(input_ids: torch.Tensor, mask: torch.Tensor, rollout_logp: torch.Tensor, advantages: torch.Tensor,
+                 learners: int) -> list[RolloutShard]:
+    """Equal contiguous slices for the learners, each told the batch-wide token and row counts."""
+    per = input_ids.shape[0] // learners
+    global_tokens, global_rows = int(mask.sum()), int((mask.sum(-1) > 0).sum())
+    part = [slice(i * per, (i + 1) * per) for i in range(learners)]
+    return [RolloutShard(input_ids[s], mask[s], rollout_logp[s], advantages[s], global_tokens, global_rows)
+            for s in part]
+
+
+class GRPORun:
+    def __init__(self, recipe: GRPORecipe):
+        self.recipe = recipe
+        self.tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
+        data = recipe.data
+        self.sampler = PromptSampler(
+            load_prompts(data.train, self.tokenizer, data.prompt_key, data.answer_key, data.max_prompt_length),
+            data.seed)
+        self.heldout = load_prompts([data.heldout], self.tokenizer, data.prompt_key, data.answer_key,
+                                    data.max_prompt_length, data.heldout_limit) if data.heldout else []
+        for spec in recipe.rewards:
+            get_reward(spec.name)
+        cluster, rollout = recipe.cluster, recipe.rollout
+        start_ray(cluster.ray_address,
+                  cluster.num_workers * cluster.cpus_per_worker + rollout.num_workers * rollout.cpus_per_worker,
+                  cluster.num_workers * cluster.gpus_per_worker + rollout.num_workers * rollout.gpus_per_worker)
+        self.learners = WorkerGroup("grpo-learners", cluster.num_workers, cluster.cpus_per_worker,
+                                    cluster.gpus_per_worker, cluster.placement,
+                                    worker_env(cluster.threads_per_worker), cluster.call_timeout_s)
+        self.engines = WorkerGroup("rollout", rollout.num_workers, rollout.cpus_per_worker, rollout.gpus_per_worker,
+                                   cluster.placement, worker_env(rollout.threads_per_worker), cluster.call_timeout_s)
+        address, port = self.learners.rendezvous()
+        world = cluster.num_workers
+        self.learners.construct(GRPOLearner, [
+            {"recipe": recipe, "rank": rank, "world_size": world, "master_addr": address, "master_port": port}
+            for rank in range(world)])
+        self.engines.construct(build_engine, [{"model_config": recipe.model, "threads": rollout.threads_per_worker}]
+                               * rollout.num_workers)
+        self.sync_weights()
+
+    def sync_weights(self) -> None:
+        """Learners gather the policy (collective); rank 0's copy goes to every engine via the object store."""
+        state_refs = self.learners.submit("policy_state")
+        self.engines.wait([actor.call.remote("update_weights", state_refs[0]) for actor in self.engines.actors],
+                          "update_weights")
+        self.learners.wait(state_refs, "policy_state")
+
+    def generate(self, prompts: list[Prompt], sampling: SamplingConfig) -> list[Completion]:
+        """Prompts split evenly over the engines; completions come back in prompt order."""
+        engines = len(self.engines)
+        chunks = [list(range(len(prompts)))[i::engines] for i in range(engines)]
+        results = self.engines.call_each(
+            "generate", [([prompts[i].token_ids for i in chunk], sampling) for chunk in chunks])
+        by_prompt: dict[int, list[Completion]] = {}
+        for chunk, result in zip(chunks, results):
+            for completion in result:
+                completion.prompt_index = chunk[completion.prompt_index]
+                by_prompt.setdefault(completion.prompt_index, []).append(completion)
+        return [completion for index in range(len(prompts)) for completion in by_prompt[index]]
+
+    def heldout_accuracy(self, max_new_tokens: int) -> float | None:
+        if not self.heldout:
+            return None
+        completions = self.generate(self.heldout, SamplingConfig(n=1, max_new_tokens=max_new_tokens, temperature=0))
+        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+        correct = [answers_match(extract_final_answer(t), str(self.heldout[c.prompt_index].answer))
+                   for t, c in zip(texts, completions)]
+        return sum(correct) / len(correct)
+
+    def step(self, step: int) -> dict[str, Any]:
+        recipe, algo = self.recipe, self.recipe.algorithm
+        phases = Phases()
+        sampling = SamplingConfig(n=algo.group_size, max_new_tokens=recipe.rollout.max_new_tokens,
+                                  temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p,
+                                  seed=algo.seed * 1_000_003 + step)
+        with phases("rollout"):
+            prompts = self.sampler.next(algo.prompts_per_step)
+            completions = self.generate(prompts, sampling)
+        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+        with phases("rewards"):
+            rewards, reward_metrics = score(recipe, prompts, completions, texts)
+        with phases("advantages"):
+            input_ids, mask, rollout_logp = rollout_tensors(prompts, completions, self.tokenizer.pad_token_id)
+            truncated = torch.tensor([not c.finished for c in completions])
+            flat_rewards, mask = handle_truncated(rewards.flatten(), mask, truncated, algo.truncated,
+                                                  algo.truncation_penalty)
+            rewards = flat_rewards.view_as(rewards)  # [P, G]
+            advantages = group_advantages(rewards, algo.advantage_scale).flatten()
+            shards = split_shards(input_ids, mask, rollout_logp, advantages, len(self.learners))
+        with phases("update"):
+            per_rank = self.learners.call_each("update", [(shard,) for shard in shards])
+        with phases("sync"):
+            self.sync_weights()
+            if algo.reference_reset_every and (step + 1) % algo.reference_reset_every == 0:
+                self.learners.call("reset_reference")
+        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+        tokens = int(lengths.sum())
+        step_s = sum(phases.seconds.values())
+        learner = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]}
+        return {**learner, **reward_metrics, **phases.seconds,
+                "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                "zero_std_groups": zero_std_groups(rewards).float().mean().item(),
+                "completion_length": lengths.mean().item(),
+                "truncated": 1 - sum(c.finished for c in completions) / len(completions),
+                "completions_per_s": len(completions) / step_s, "tokens_per_s": tokens / step_s, "step_s": step_s}
+
+    def shutdown(self) -> None:
+        self.learners.shutdown()
+        self.engines.shutdown()
+
+
+def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
+    run_dir = Path(recipe.output.dir)
+    if (run_dir / "metrics.jsonl").exists() and not recipe.output.overwrite:
+        raise FileExistsError(f"{run_dir} already holds a run; set output.overwrite=true to start over")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    run = GRPORun(recipe)
+    log = MetricsLog(run_dir)
+    try:
+        max_new = recipe.rollout.max_new_tokens
+        before = run.heldout_accuracy(max_new)
+        bar = tqdm(range(recipe.algorithm.steps), desc="grpo", unit="step", dynamic_ncols=True)
+        for step in bar:
+            metrics = run.step(step)
+            log.log(step + 1, metrics)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}",
+                            c_s=f"{metrics['completions_per_s']:.1f}")
+        after = run.heldout_accuracy(max_new)
+    finally:
+        log.close()
+        run.shutdown()
+    plot = plot_curves(run_dir / "metrics.jsonl", ["reward/mean", "loss", "kl", "completion_length"],
+                       run_dir / "curves.png", f"align grpo: {run_dir.name}")
+    summary = {"heldout_before": before, "heldout_after": after, "plot": str(plot), "run_dir": str(run_dir)}
+    if before is not None:
+        print(f"align grpo: held-out accuracy {before:.1%} -> {after:.1%} ({len(run.heldout)} problems); "
+              f"curves: {plot}")
+    return summary
