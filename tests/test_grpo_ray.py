@@ -39,6 +39,7 @@ def test_grpo_runs_every_phase_and_raises_the_reward(tmp_path, zero_stage):
     first, last = records[0]["reward/mean"], sum(r["reward/mean"] for r in records[-2:]) / 2
     assert last > first + 0.02, f"reward did not rise: {first:.4f} -> {last:.4f}"
     assert (run_dir / "curves.png").stat().st_size > 10_000
+    assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "final" / "tokenizer.json").is_file()
 
 
 def test_after_a_sync_the_engine_decodes_what_the_learner_decodes(tmp_path):

@@ -48,3 +48,20 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             value += deltas[name].to(value.dtype).cpu()
         state[name] = value
     return state
+
+
+def save_hf_checkpoint(model: nn.Module, zero_stage: int, rank: int, tokenizer: object, directory: str) -> None:
+    """Collective: rank 0 writes a transformers checkpoint (safetensors, config, tokenizer, chat template).
+    LoRA is merged into the weights; the adapter itself goes to `directory/adapter`."""
+    from pathlib import Path
+
+    with gathered(model, zero_stage):
+        state = full_state_dict(model) if rank == 0 else None
+    if rank == 0:
+        is_peft = hasattr(model, "get_base_model")
+        base = model.get_base_model() if is_peft else model
+        base.save_pretrained(directory, state_dict=state)
+        tokenizer.save_pretrained(directory)
+        if is_peft:
+            model.save_pretrained(str(Path(directory) / "adapter"))
+    torch.distributed.barrier()

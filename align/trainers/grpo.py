@@ -23,6 +23,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from align import checkpoint
 from align.config.grpo_schema import GRPORecipe
 from align.config.loader import to_dict
 from align.data.prompts import Prompt, PromptSampler, load_prompts
@@ -209,13 +210,18 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}",
                             c_s=f"{metrics['completions_per_s']:.1f}")
         after = run.heldout_accuracy(max_new)
+        staging = checkpoint.staging_dir(run_dir, "final")
+        run.learners.call("export_hf", str(staging))
+        final = checkpoint.commit(staging, run_dir / "final")
     finally:
         log.close()
         run.shutdown()
     plot = plot_curves(run_dir / "metrics.jsonl", ["reward/mean", "loss", "kl", "completion_length"],
                        run_dir / "curves.png", f"align grpo: {run_dir.name}")
-    summary = {"heldout_before": before, "heldout_after": after, "plot": str(plot), "run_dir": str(run_dir)}
+    summary = {"heldout_before": before, "heldout_after": after, "plot": str(plot), "model": str(final),
+               "run_dir": str(run_dir)}
     if before is not None:
         print(f"align grpo: held-out accuracy {before:.1%} -> {after:.1%} ({len(run.heldout)} problems); "
               f"curves: {plot}")
+    print(f"align grpo: done, {recipe.algorithm.steps} steps; model: {final}")
     return summary

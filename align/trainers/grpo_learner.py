@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from align.config.grpo_schema import GRPORecipe
-from align.models.export import full_state_dict, gathered
+from align.models.export import full_state_dict, gathered, save_hf_checkpoint
 from align.models.loading import build_model, load_tokenizer
 from align.rl.losses import policy_loss, truncated_is_weights
 from align.trainers import engine as ds_setup
@@ -47,7 +47,7 @@ class GRPOLearner:
         self.backend = ds_setup.init_process_group(rank, world_size, master_addr, master_port,
                                                    recipe.cluster.backend)
         ds_setup.seed_everything(recipe.train.seed + rank)
-        tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
+        self.tokenizer = tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
         self.engine, self.moe_classes = ds_setup.build_policy_engine(
             recipe.model, recipe.lora, recipe.deepspeed, recipe.train, world_size, recipe.algorithm.steps, tokenizer)
         self.model_config = self.engine.module.config
@@ -67,11 +67,14 @@ class GRPOLearner:
         """Collective under ZeRO-3: the learner's own greedy completions (to check weight sync against)."""
         from rollout.torch_engine import SamplingConfig, TorchEngine
 
-        tokenizer = load_tokenizer(self.recipe.model.tokenizer or self.recipe.model.path)
-        engine = TorchEngine(self.engine.module, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        engine = TorchEngine(self.engine.module, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         completions = engine.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0))
         self.engine.module.train()
         return [c.token_ids for c in completions]
+
+    def export_hf(self, directory: str) -> None:
+        """Collective: rank 0 writes a transformers checkpoint of the policy."""
+        save_hf_checkpoint(self.engine.module, self.recipe.deepspeed.zero_stage, self.rank, self.tokenizer, directory)
 
     def reset_reference(self) -> None:
         """Iterative RL: the reference becomes the current policy."""

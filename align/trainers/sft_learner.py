@@ -19,7 +19,7 @@ from align.config.schema import SFTRecipe
 from align.data.chat import IGNORE_INDEX
 from align.data.packing import Batch
 from align.data.stream import SFTStream
-from align.models.export import full_state_dict, gathered
+from align.models.export import save_hf_checkpoint
 from align.models.loading import load_tokenizer
 from align.trainers import engine as ds_setup
 
@@ -125,14 +125,5 @@ class SFTLearner:
         return self.step
 
     def export_hf(self, directory: str) -> None:
-        """Collective: rank 0 writes a transformers checkpoint (safetensors + tokenizer + chat template)."""
-        module = self.engine.module
-        with gathered(module, self.recipe.deepspeed.zero_stage):
-            state = full_state_dict(module) if self.rank == 0 else None
-        if self.rank == 0:
-            base = module.get_base_model() if self.recipe.lora.enabled else module
-            base.save_pretrained(directory, state_dict=state)
-            self.tokenizer.save_pretrained(directory)
-            if self.recipe.lora.enabled:
-                module.save_pretrained(str(Path(directory) / "adapter"))
-        torch.distributed.barrier()
+        """Collective: rank 0 writes a transformers checkpoint of the policy."""
+        save_hf_checkpoint(self.engine.module, self.recipe.deepspeed.zero_stage, self.rank, self.tokenizer, directory)
