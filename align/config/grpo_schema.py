@@ -33,7 +33,7 @@ class PromptDataConfig:
 @dataclass
 class RolloutConfig:
     engine: Literal["auto", "torch", "vllm"] = option(
-        "auto", "generation engine; auto: vllm for dense models where it is installed, torch otherwise")
+        "auto", "generation engine; auto picks torch for now (the vLLM engine is not wired in yet)")
     num_workers: int = option(1, "rollout engines (Ray actors)")
     cpus_per_worker: float = option(1, "Ray CPUs per engine")
     gpus_per_worker: float = option(0, "Ray GPUs per engine")
