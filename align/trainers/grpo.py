@@ -216,7 +216,7 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
     finally:
         log.close()
         run.shutdown()
-    plot = plot_curves(run_dir / "metrics.jsonl", ["reward/mean", "loss", "kl", "completion_length"],
+    plot = plot_curves(run_dir / "metrics.jsonl", ["reward/mean", "policy_loss", "kl", "completion_length"],
                        run_dir / "curves.png", f"align grpo: {run_dir.name}")
     summary = {"heldout_before": before, "heldout_after": after, "plot": str(plot), "model": str(final),
                "run_dir": str(run_dir)}

@@ -115,8 +115,11 @@ class GRPOLearner:
                     ratio_level=algo.ratio_level, max_completion_length=self.recipe.rollout.max_new_tokens,
                     is_weights=is_weights)
                 loss = loss * self._share(mask, shard, len(slices))
+                metrics["policy_loss"] = loss.item()
                 if self.moe_classes:
-                    loss = loss + sum(self._balance(outputs.router_logits, mask).values())
+                    balance = sum(self._balance(outputs.router_logits, mask).values())
+                    metrics["balance_loss"] = balance.item()
+                    loss = loss + balance
                 self.engine.backward(loss)
                 self.engine.step()
                 for key, value in {"loss": loss.item(), **metrics}.items():
