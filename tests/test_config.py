@@ -113,3 +113,13 @@ def test_grpo_batch_that_does_not_split_over_learners():
     with pytest.raises(RecipeError, match=r"prompts_per_step 3 x group_size 8 = 24 completions must split into "
                                           r"cluster.num_workers 2 x a multiple of train.micro_batch_size 16"):
         load_grpo_recipe("recipes/grpo-tiny.yaml", ["algorithm.prompts_per_step=3", "model.path=data/tokenizer-tiny"])
+
+
+@pytest.mark.parametrize(("override", "key"), [("rollout.engine=vllm", "rollout.engine"),
+                                               ("algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling")])
+def test_grpo_options_not_wired_yet_are_refused_not_ignored(override, key):
+    from align.config import load_grpo_recipe
+
+    with pytest.raises(RecipeError, match=rf"grpo-tiny.yaml: {key}: .* not wired into align grpo yet"):
+        load_grpo_recipe("recipes/grpo-tiny.yaml", [override, "model.path=null", "model.preset=deepseek-v2-tiny",
+                                                    "model.tokenizer=data/tokenizer-tiny"])
