@@ -61,7 +61,7 @@ class TorchEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         """`sampling.n` completions per prompt, in prompt order. Rows are left-padded so every prompt ends
-        at the same column; finished rows keep stepping with padding (masked) until all are done."""
+        at the same column; a row that samples EOS leaves the batch and its KV cache."""
         rows = [(i, p) for i, p in enumerate(prompts) for _ in range(sampling.n)]
         width = max(len(p) for _, p in rows)
         input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
@@ -78,23 +78,29 @@ class TorchEngine:
         cache = DynamicCache(config=self.model.config)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=cache, use_cache=True).logits[:, -1].float()
-        tokens, logprobs = [], []
-        finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        tokens = torch.full((len(rows), sampling.max_new_tokens), self.pad, dtype=torch.long)
+        logprobs = torch.zeros((len(rows), sampling.max_new_tokens))
+        alive = torch.arange(len(rows), device=self.device)  # original row of each row still generating
         next_position = position_ids[:, -1]
-        for _ in range(sampling.max_new_tokens):
+        for step in range(sampling.max_new_tokens):
             token, logprob = self._sample(logits, sampling, generator)
-            token = token.masked_fill(finished, self.pad)
-            tokens.append(token)
-            logprobs.append(logprob)
-            finished |= token == self.eos
-            if bool(finished.all()):
+            tokens[alive.cpu(), step] = token.cpu()
+            logprobs[alive.cpu(), step] = logprob.cpu()
+            running = token != self.eos
+            if not bool(running.any()) or step + 1 == sampling.max_new_tokens:
                 break
-            attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
+            if not bool(running.all()):
+                # Finished rows leave the batch (and the KV cache): later steps cost only what still runs.
+                keep = running.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                alive, token, attention_mask = alive[keep], token[keep], attention_mask[keep]
+                next_position = next_position[keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], dim=1)
             next_position = next_position + 1
             logits = self.model(input_ids=token[:, None], attention_mask=attention_mask,
                                 position_ids=next_position[:, None], past_key_values=cache,
                                 use_cache=True).logits[:, -1].float()
-        return self._completions(rows, torch.stack(tokens, 1), torch.stack(logprobs, 1))
+        return self._completions(rows, tokens, logprobs)
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator
                 ) -> tuple[torch.Tensor, torch.Tensor]:

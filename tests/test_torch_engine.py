@@ -71,3 +71,28 @@ def test_top_p_keeps_the_smallest_nucleus():
     kept = top_p_filter(logits, 0.7).isfinite()  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: two tokens
     assert kept.tolist() == [[True, True, False, False]]
     assert top_p_filter(logits, 1.0).isfinite().all()
+
+
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(setup, tokenizer):
+    """Use a token the model often emits as the end token, so rows stop at different steps and leave the
+    batch (and the KV cache) while the others go on: every row must still decode exactly as alone."""
+    model, engine, prompts = setup
+    greedy = SamplingConfig(max_new_tokens=20, temperature=0)
+    free = [c.token_ids for c in engine.generate(prompts, greedy)]
+    stop = next(t for t in free[0][2:] if not all(t in row for row in free))
+    early = TorchEngine(model, stop, tokenizer.pad_token_id)
+    completions = early.generate(prompts, greedy)
+    assert any(c.finished for c in completions) and not all(c.finished for c in completions)
+    for prompt, completion in zip(prompts, completions):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+        assert completion.token_ids == expected[0, len(prompt):].tolist()
+    sampled = early.generate(prompts, SamplingConfig(n=4, max_new_tokens=16, temperature=0.05, seed=11))
+    assert len({len(c.token_ids) for c in sampled}) > 1
+    for completion in sampled:
+        ids = torch.tensor([prompts[completion.prompt_index] + completion.token_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        start = len(prompts[completion.prompt_index]) - 1
+        recomputed = F.log_softmax(logits[start:] / 0.05, -1).gather(-1, ids[0, start + 1:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(completion.logprobs), recomputed, rtol=1e-4, atol=1e-4)
