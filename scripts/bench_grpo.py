@@ -360,6 +360,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="data/tokenizer-tiny", help="tokenizer of the preset model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the preset model's fresh weights")
     parser.add_argument("--out", default="runs/bench_grpo.json", help="where to write the results as JSON")
+    parser.add_argument("--overlap", action="store_true",
+                        help="align samples batch s+1 while updating on batch s (algorithm.overlap_rollout)")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
@@ -380,7 +382,8 @@ def main() -> None:
         overrides = bench_overrides(model_dir, args.steps, args.zero_stage)
         for side in ("align", "trl"):
             print(f"bench_grpo: {side}: {args.steps} steps ({args.warmup} warm-up) ...", flush=True)
-            results[side] = bench_align(args.recipe, overrides, args.warmup, work) if side == "align" \
+            align_overrides = [*overrides, f"algorithm.overlap_rollout={str(args.overlap).lower()}"]
+            results[side] = bench_align(args.recipe, align_overrides, args.warmup, work) if side == "align" \
                 else bench_trl(args.recipe, overrides, args.steps, args.warmup, work)
             r = results[side]
             print(f"bench_grpo: {side}: {r['completions_per_s']:.1f} completions/s, {r['tokens_per_s']:.0f} tokens/s, "
@@ -392,9 +395,11 @@ def main() -> None:
     out.write_text(json.dumps({
         "settings": {"steps": args.steps, "warmup": args.warmup,
                      "model": args.model or f"fresh {args.preset}, seed {args.seed}", "recipe": args.recipe,
-                     "overrides": overrides, "zero_stage": args.zero_stage,
+                     "overrides": overrides, "zero_stage": args.zero_stage, "align_overlap_rollout": args.overlap,
                      "threads_per_process": 1, "cpu_count": os.cpu_count(),
-                     "processes": {"align": "driver + 1 learner actor + 1 rollout actor (Ray), run one at a time",
+                     "processes": {"align": "driver + 1 learner actor + 1 rollout actor (Ray), "
+                                            + ("sampling overlapped with the update" if args.overlap
+                                               else "run one at a time"),
                                    "trl": "1 process"},
                      "target_align_over_trl_completions_per_s": TARGET_RATIO},
         "versions": versions(), "labels": LABELS, "results": results,

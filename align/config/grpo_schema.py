@@ -69,6 +69,9 @@ class AlgorithmConfig:
     truncated: Literal["none", "mask", "penalty"] = option(
         "none", "outputs cut at max_new_tokens: kept, masked out of the loss (DAPO), or given truncation_penalty")
     truncation_penalty: float = option(-1.0, "reward given to truncated outputs when truncated=penalty")
+    overlap_rollout: bool = option(
+        False, "sample batch s+1 while the learners update on batch s (one update stale; the importance ratio "
+        "then uses the engine's log-probs as pi_old)")
     reference_reset_every: int = option(0, "reset the reference to the policy every N steps (0: never)")
     seed: int = option(0, "sampling seed; step s samples with seed + s")
 

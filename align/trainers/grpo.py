@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +91,17 @@ def split_shards(input_ids: torch.Tensor, mask: torch.Tensor, rollout_logp: torc
             for s in part]
 
 
+@dataclass
+class PendingRollout:
+    prompts: list[Prompt]
+    chunks: list[list[int]]  # prompt indices per engine
+    refs: list[Any]  # one Ray reference per engine
+
+
 class GRPORun:
     def __init__(self, recipe: GRPORecipe):
         self.recipe = recipe
+        self.pending: PendingRollout | None = None
         self.tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
         data = recipe.data
         self.sampler = PromptSampler(
@@ -128,17 +137,26 @@ class GRPORun:
         self.learners.wait(state_refs, "policy_state")
 
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig) -> list[Completion]:
-        """Prompts split evenly over the engines; completions come back in prompt order."""
+        return self.collect(self.submit_generate(prompts, sampling))
+
+    def submit_generate(self, prompts: list[Prompt], sampling: SamplingConfig) -> PendingRollout:
+        """Start sampling: prompts split evenly over the engines (returns at once)."""
         engines = len(self.engines)
         chunks = [list(range(len(prompts)))[i::engines] for i in range(engines)]
-        results = self.engines.call_each(
-            "generate", [([prompts[i].token_ids for i in chunk], sampling) for chunk in chunks])
+        refs = [actor.call.remote("generate", [prompts[i].token_ids for i in chunk], sampling)
+                for actor, chunk in zip(self.engines.actors, chunks)]
+        return PendingRollout(prompts, chunks, refs)
+
+    def collect(self, pending: PendingRollout) -> list[Completion]:
+        """Wait for a started rollout; completions come back in prompt order."""
+        results = self.engines.wait(pending.refs, "generate")
+        chunks = pending.chunks
         by_prompt: dict[int, list[Completion]] = {}
         for chunk, result in zip(chunks, results):
             for completion in result:
                 completion.prompt_index = chunk[completion.prompt_index]
                 by_prompt.setdefault(completion.prompt_index, []).append(completion)
-        return [completion for index in range(len(prompts)) for completion in by_prompt[index]]
+        return [completion for index in range(len(pending.prompts)) for completion in by_prompt[index]]
 
     def heldout_accuracy(self, max_new_tokens: int) -> float | None:
         if not self.heldout:
@@ -149,15 +167,24 @@ class GRPORun:
                    for t, c in zip(texts, completions)]
         return sum(correct) / len(correct)
 
-    def step(self, step: int) -> dict[str, Any]:
+    def submit_rollout(self, step: int) -> PendingRollout:
+        """Draw step `step`'s prompts and start sampling G completions of each."""
         recipe, algo = self.recipe, self.recipe.algorithm
-        phases = Phases()
         sampling = SamplingConfig(n=algo.group_size, max_new_tokens=recipe.rollout.max_new_tokens,
                                   temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p,
                                   seed=algo.seed * 1_000_003 + step)
+        return self.submit_generate(self.sampler.next(algo.prompts_per_step), sampling)
+
+    def step(self, step: int) -> dict[str, Any]:
+        recipe, algo = self.recipe, self.recipe.algorithm
+        phases = Phases()
         with phases("rollout"):
-            prompts = self.sampler.next(algo.prompts_per_step)
-            completions = self.generate(prompts, sampling)
+            pending, self.pending = self.pending or self.submit_rollout(step), None
+            prompts, completions = pending.prompts, self.collect(pending)
+        if algo.overlap_rollout and step + 1 < algo.steps:
+            # The engines sample the next batch with the current weights while the learners update on this
+            # one; the weight sync below queues behind that sampling, so each batch is one update stale.
+            self.pending = self.submit_rollout(step + 1)
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         with phases("rewards"):
             rewards, reward_metrics = score(recipe, prompts, completions, texts)

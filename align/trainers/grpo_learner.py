@@ -33,10 +33,13 @@ class RolloutShard:
     global_rows: int  # rows that count in the whole batch, all learners
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log pi(x_t | x_<t) aligned with `input_ids` (position 0 gets 0): logits [B, T, V] -> [B, T]."""
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi_T(x_t | x_<t) = log softmax(logits / T) at x_t, aligned with `input_ids` (position 0 gets 0):
+    logits [B, L, V] -> [B, L]. T is the sampling temperature, so these are the probabilities the rollout
+    engine sampled from (and reported), and ratios against its log-probs compare like with like."""
     logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    logp[:, 1:] = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    scaled = logits[:, :-1].float() / temperature
+    logp[:, 1:] = F.log_softmax(scaled, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return logp
 
 
@@ -55,6 +58,7 @@ class GRPOLearner:
         self.reference = build_model(recipe.model, tokenizer).eval().requires_grad_(False) \
             if recipe.algorithm.kl_coef > 0 else None
         self.device = self.engine.device
+        self.temperature = recipe.rollout.temperature if recipe.rollout.temperature > 0 else 1.0
         if self.reference is not None:
             self.reference.to(self.device)
 
@@ -72,6 +76,10 @@ class GRPOLearner:
         self.engine.module.train()
         return [c.token_ids for c in completions]
 
+    def logprobs(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        """Collective under ZeRO-3: per-token log-probs at the sampling temperature of each row (position 0: 0)."""
+        return [self._logprobs(self.engine, torch.tensor([row], device=self.device))[0].cpu() for row in rows]
+
     def export_hf(self, directory: str) -> None:
         """Collective: rank 0 writes a transformers checkpoint of the policy."""
         save_hf_checkpoint(self.engine.module, self.recipe.deepspeed.zero_stage, self.rank, self.tokenizer, directory)
@@ -84,7 +92,7 @@ class GRPOLearner:
 
     @torch.no_grad()
     def _logprobs(self, model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-        return token_logprobs(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+        return token_logprobs(model(input_ids=input_ids, use_cache=False).logits, input_ids, self.temperature)
 
     def update(self, shard: RolloutShard) -> dict[str, float]:
         """`updates_per_batch` optimizer steps on this shard; returns loss, KL, clip and timing metrics."""
@@ -98,13 +106,18 @@ class GRPOLearner:
         # pi_old: the policy that sampled. With one update and no TIS its log-probs equal the learner's own
         # at the first pass, so they are taken from that pass (detached) instead of an extra forward.
         need_old = algo.updates_per_batch > 1 or algo.tis_cap is not None
-        old_logp = [self._logprobs(self.engine, to(shard.input_ids[s])) for s in slices] if need_old else None
+        if algo.overlap_rollout:  # the batch was sampled one update ago: pi_old is the engine's policy
+            old_logp = [to(shard.rollout_logp[s]) for s in slices]
+        elif need_old:
+            old_logp = [self._logprobs(self.engine, to(shard.input_ids[s])) for s in slices]
+        else:
+            old_logp = None
         sums: dict[str, float] = {}
         for _ in range(algo.updates_per_batch):
             for index, s in enumerate(slices):
                 input_ids, mask = to(shard.input_ids[s]), to(shard.completion_mask[s])
                 outputs = self.engine(input_ids=input_ids, use_cache=False, output_router_logits=bool(self.moe_classes))
-                logp = token_logprobs(outputs.logits, input_ids)
+                logp = token_logprobs(outputs.logits, input_ids, self.temperature)
                 old = old_logp[index] if old_logp is not None else logp.detach()
                 is_weights = None
                 if algo.tis_cap is not None:
