@@ -86,8 +86,11 @@ class WorkerGroup:
 
     def call_each(self, method: str, per_rank_args: Sequence[tuple]) -> list[Any]:
         """Call `method` on every rank with that rank's own arguments (e.g. its shard of a batch)."""
-        refs = [actor.call.remote(method, *args) for actor, args in zip(self.actors, per_rank_args, strict=True)]
-        return self._get(refs, method)
+        return self._get(self.submit_each(method, per_rank_args), method)
+
+    def submit_each(self, method: str, per_rank_args: Sequence[tuple]) -> list[ray.ObjectRef]:
+        """Start `method` on every rank with that rank's own arguments; wait with `wait`."""
+        return [actor.call.remote(method, *args) for actor, args in zip(self.actors, per_rank_args, strict=True)]
 
     def submit(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """Start `method` on every rank; the references can be passed on to other actors without a copy

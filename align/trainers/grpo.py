@@ -33,8 +33,7 @@ from align.metrics import MetricsLog, plot_curves
 from align.models.loading import load_tokenizer
 from align.rl.advantages import group_advantages, handle_truncated, zero_std_groups
 from align.trainers.grpo_learner import GRPOLearner, RolloutShard
-from rewards.answers import answers_match, extract_final_answer
-from rewards.registry import get_reward
+from rewards.registry import get_reward, math_answer
 from rollout.torch_engine import Completion, SamplingConfig, build_engine
 
 
@@ -132,8 +131,7 @@ class GRPORun:
     def sync_weights(self) -> None:
         """Learners gather the policy (collective); rank 0's copy goes to every engine via the object store."""
         state_refs = self.learners.submit("policy_state")
-        self.engines.wait([actor.call.remote("update_weights", state_refs[0]) for actor in self.engines.actors],
-                          "update_weights")
+        self.engines.wait(self.engines.submit("update_weights", state_refs[0]), "update_weights")
         self.learners.wait(state_refs, "policy_state")
 
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig) -> list[Completion]:
@@ -143,8 +141,8 @@ class GRPORun:
         """Start sampling: prompts split evenly over the engines (returns at once)."""
         engines = len(self.engines)
         chunks = [list(range(len(prompts)))[i::engines] for i in range(engines)]
-        refs = [actor.call.remote("generate", [prompts[i].token_ids for i in chunk], sampling)
-                for actor, chunk in zip(self.engines.actors, chunks)]
+        refs = self.engines.submit_each("generate", [([prompts[i].token_ids for i in chunk], sampling)
+                                                     for chunk in chunks])
         return PendingRollout(prompts, chunks, refs)
 
     def collect(self, pending: PendingRollout) -> list[Completion]:
@@ -163,8 +161,7 @@ class GRPORun:
             return None
         completions = self.generate(self.heldout, SamplingConfig(n=1, max_new_tokens=max_new_tokens, temperature=0))
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-        correct = [answers_match(extract_final_answer(t), str(self.heldout[c.prompt_index].answer))
-                   for t, c in zip(texts, completions)]
+        correct = math_answer([], texts, [self.heldout[c.prompt_index].answer for c in completions])
         return sum(correct) / len(correct)
 
     def submit_rollout(self, step: int) -> PendingRollout:
