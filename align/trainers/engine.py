@@ -104,6 +104,17 @@ def build_policy_engine(model_cfg: ModelConfig, lora: LoRAConfig, ds: DeepSpeedC
     return engine, moe_classes
 
 
+def router_logits(outputs: Any) -> tuple[torch.Tensor, ...]:
+    """The per-layer router logits of a forward pass run with `output_router_logits=True`."""
+    logits = getattr(outputs, "router_logits", None)
+    if not logits:
+        import transformers
+
+        raise RuntimeError(f"the model returned no router_logits (transformers {transformers.__version__}); "
+                           "the MoE balance loss needs them: install the pinned transformers (pyproject.toml)")
+    return logits
+
+
 def balance_losses_for(router_logits: tuple[torch.Tensor, ...], segment_ids: torch.Tensor, model_config: Any,
                        moe: MoEBalanceConfig) -> dict[str, torch.Tensor]:
     """DeepSeekMoE balance losses with the routing and device grouping of `model_config` (overridable in

@@ -32,7 +32,8 @@ from align.distributed.worker_group import WorkerGroup, start_ray, worker_env
 from align.metrics import MetricsLog, plot_curves
 from align.models.loading import load_tokenizer
 from align.rl.advantages import group_advantages, handle_truncated, zero_std_groups
-from align.trainers.grpo_learner import GRPOLearner, RolloutShard
+from align.trainers.grpo_learner import GRPOLearner
+from align.trainers.rollout_batch import rollout_tensors, split_shards
 from rewards.registry import get_reward, math_answer
 from rollout.torch_engine import Completion, SamplingConfig, build_engine
 
@@ -62,32 +63,6 @@ def score(recipe: GRPORecipe, prompts: list[Prompt], completions: list[Completio
         metrics[f"reward/{spec.name}"] = values.mean().item()
         total += spec.weight * values
     return total.view(len(prompts), recipe.algorithm.group_size), metrics
-
-
-def rollout_tensors(prompts: list[Prompt], completions: list[Completion], pad_id: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of prompt + completion, right-padded: (input_ids, completion_mask, rollout_logp), each [N, width]."""
-    width = max(len(prompts[c.prompt_index].token_ids) + len(c.token_ids) for c in completions)
-    input_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(completions), width))
-    rollout_logp = torch.zeros((len(completions), width))
-    for r, completion in enumerate(completions):
-        prompt = prompts[completion.prompt_index].token_ids
-        end = len(prompt) + len(completion.token_ids)
-        input_ids[r, :end] = torch.tensor(prompt + completion.token_ids)
-        mask[r, len(prompt):end] = 1.0
-        rollout_logp[r, len(prompt):end] = torch.tensor(completion.logprobs)
-    return input_ids, mask, rollout_logp
-
-
-def split_shards(input_ids: torch.Tensor, mask: torch.Tensor, rollout_logp: torch.Tensor, advantages: torch.Tensor,
-                 learners: int) -> list[RolloutShard]:
-    """Equal contiguous slices for the learners, each told the batch-wide token and row counts."""
-    per = input_ids.shape[0] // learners
-    global_tokens, global_rows = int(mask.sum()), int((mask.sum(-1) > 0).sum())
-    part = [slice(i * per, (i + 1) * per) for i in range(learners)]
-    return [RolloutShard(input_ids[s], mask[s], rollout_logp[s], advantages[s], global_tokens, global_rows)
-            for s in part]
 
 
 @dataclass

@@ -130,7 +130,7 @@ class GRPOLearner:
                 loss = loss * self._share(mask, shard, len(slices))
                 metrics["policy_loss"] = loss.item()
                 if self.moe_classes:
-                    balance = sum(self._balance(outputs.router_logits, mask).values())
+                    balance = sum(self._balance(ds_setup.router_logits(outputs), mask).values())
                     metrics["balance_loss"] = balance.item()
                     loss = loss + balance
                 self.engine.backward(loss)

@@ -94,8 +94,9 @@ class SFTLearner:
         parts = {"lm_loss": lm_loss.item()}
         loss = lm_loss
         if moe:
-            balance = ds_setup.balance_losses_for(outputs.router_logits, batch.segment_ids.to(self.device).flatten(),
-                                                  self.model_config, self.recipe.moe)
+            segments = batch.segment_ids.to(self.device).flatten()
+            balance = ds_setup.balance_losses_for(ds_setup.router_logits(outputs), segments, self.model_config,
+                                                  self.recipe.moe)
             for name, value in balance.items():
                 parts[f"balance/{name}"] = value.item()
             loss = loss + sum(balance.values())
