@@ -115,8 +115,7 @@ def test_grpo_batch_that_does_not_split_over_learners():
         load_grpo_recipe("recipes/grpo-tiny.yaml", ["algorithm.prompts_per_step=3", "model.path=data/tokenizer-tiny"])
 
 
-@pytest.mark.parametrize(("override", "key"), [("rollout.engine=vllm", "rollout.engine"),
-                                               ("algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling")])
+@pytest.mark.parametrize(("override", "key"), [("rollout.engine=vllm", "rollout.engine")])
 def test_grpo_options_not_wired_yet_are_refused_not_ignored(override, key):
     from align.config import load_grpo_recipe
 

@@ -76,3 +76,24 @@ def test_after_a_sync_the_engine_decodes_what_the_learner_decodes(tmp_path):
 
 def greedy_sampling():
     return SamplingConfig(max_new_tokens=16, temperature=0)
+
+
+def test_dynamic_sampling_refills_until_every_trained_group_has_signal(tmp_path):
+    from align.trainers.grpo import GRPORun
+
+    # Even-answer prompts always score 0: with P=4 a first rollout rarely holds 4 informative groups.
+    recipe = load_grpo_recipe(RECIPE, [*FRESH, "rewards=[{name: 'tests.helpers.rewards:odd_answers_only'}]",
+                                       "algorithm.dynamic_sampling=true", "algorithm.max_refills=4",
+                                       "algorithm.prompts_per_step=4", "train.micro_batch_size=16",
+                                       "rollout.max_new_tokens=12", f"output.dir={tmp_path}"])
+    run = GRPORun(recipe)
+    try:
+        metrics = [run.step(step) for step in range(3)]
+    finally:
+        run.shutdown()
+        ray.shutdown()
+    refills = [m["dynamic_sampling/refills"] for m in metrics]
+    assert sum(refills) > 0, refills
+    assert all(m["dynamic_sampling/filler_groups"] == 0 for m in metrics), metrics
+    for m in metrics:  # every sampled completion is counted, refills included
+        assert m["completions_per_s"] * m["step_s"] == pytest.approx(4 * 8 * (1 + m["dynamic_sampling/refills"]))

@@ -34,9 +34,6 @@ def load_grpo_recipe(path: str | Path, overrides: list[str] | None = None) -> GR
     if recipe.rollout.engine == "vllm":
         raise RecipeError(f"{source}: rollout.engine: the vLLM rollout engine is not wired into align grpo yet; "
                           "use torch (or auto)")
-    if recipe.algorithm.dynamic_sampling:
-        raise RecipeError(f"{source}: algorithm.dynamic_sampling: the refill loop is not wired into align grpo yet "
-                          "(the zero_std_groups metric shows how many groups carry no signal)")
     from rewards.registry import get_reward
 
     for i, spec in enumerate(recipe.rewards):

@@ -64,8 +64,10 @@ class AlgorithmConfig:
     advantage_scale: Literal["group", "batch", "none"] = option("group", "divide advantages by group/batch std")
     updates_per_batch: int = option(1, "mu: policy updates per rollout batch (DeepSeekMath: 1)")
     tis_cap: float | None = option(None, "truncated importance-sampling cap for rollout/learner mismatch")
-    dynamic_sampling: bool = option(False, "drop groups whose rewards are all equal and refill (DAPO; not wired yet)")
-    max_refills: int = option(3, "extra rollouts per step when dynamic sampling lacks informative groups")
+    dynamic_sampling: bool = option(
+        False, "DAPO: train only on groups whose rewards differ, sampling more prompts until P such groups")
+    max_refills: int = option(3, "extra rollouts of P prompts per step at most; a batch still short is topped "
+                              "up with zero-std groups kept out of the loss")
     truncated: Literal["none", "mask", "penalty"] = option(
         "none", "outputs cut at max_new_tokens: kept, masked out of the loss (DAPO), or given truncation_penalty")
     truncation_penalty: float = option(-1.0, "reward given to truncated outputs when truncated=penalty")

@@ -31,15 +31,15 @@ from align.data.prompts import Prompt, PromptSampler, load_prompts
 from align.distributed.worker_group import WorkerGroup, start_ray, worker_env
 from align.metrics import MetricsLog, plot_curves
 from align.models.loading import load_tokenizer
-from align.rl.advantages import group_advantages, handle_truncated, zero_std_groups
+from align.rl.advantages import group_advantages, handle_truncated, select_informative_groups, zero_std_groups
 from align.trainers.grpo_learner import GRPOLearner
-from align.trainers.rollout_batch import rollout_tensors, split_shards
+from align.trainers.rollout_batch import ScoredGroups, fill_batch, rollout_tensors, split_shards
 from rewards.registry import get_reward, math_answer
 from rollout.torch_engine import Completion, SamplingConfig, build_engine
 
 
 class Phases:
-    """Wall time per phase of the current step."""
+    """Wall time per phase of the current step (a phase entered twice, as in refills, adds up)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -48,21 +48,32 @@ class Phases:
     def __call__(self, name: str):
         started = time.perf_counter()
         yield
-        self.seconds[f"time/{name}_s"] = time.perf_counter() - started
+        key = f"time/{name}_s"
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
 
 
 def score(recipe: GRPORecipe, prompts: list[Prompt], completions: list[Completion], texts: list[str]
-          ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the recipe's rewards, [P, G]; each reward's mean is logged on its own."""
+          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """r = sum_k c_k R_k(prompt, completion): the weighted total [P, G] and each reward's values [P * G]."""
     answers = [prompts[c.prompt_index].answer for c in completions]
     messages = [prompts[c.prompt_index].messages for c in completions]
     total = torch.zeros(len(completions))
-    metrics = {}
+    values = {}
     for spec in recipe.rewards:
-        values = torch.tensor(get_reward(spec.name)(messages, texts, answers, **spec.args), dtype=torch.float32)
-        metrics[f"reward/{spec.name}"] = values.mean().item()
-        total += spec.weight * values
-    return total.view(len(prompts), recipe.algorithm.group_size), metrics
+        values[spec.name] = torch.tensor(get_reward(spec.name)(messages, texts, answers, **spec.args),
+                                         dtype=torch.float32)
+        total += spec.weight * values[spec.name]
+    return total.view(len(prompts), recipe.algorithm.group_size), values
+
+
+def sampling_metrics(sampled: ScoredGroups, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """What the policy produced this step, over every sampled completion (refills included)."""
+    lengths = torch.tensor([len(c.token_ids) for c in sampled.completions], dtype=torch.float32)
+    return {**{f"reward/{name}": v.mean().item() for name, v in values.items()},
+            "reward/mean": sampled.rewards.mean().item(), "reward/std": sampled.rewards.std().item(),
+            "zero_std_groups": zero_std_groups(sampled.rewards).float().mean().item(),
+            "completion_length": lengths.mean().item(),
+            "truncated": 1 - sum(c.finished for c in sampled.completions) / len(sampled.completions)}
 
 
 @dataclass
@@ -139,34 +150,62 @@ class GRPORun:
         correct = math_answer([], texts, [self.heldout[c.prompt_index].answer for c in completions])
         return sum(correct) / len(correct)
 
-    def submit_rollout(self, step: int) -> PendingRollout:
-        """Draw step `step`'s prompts and start sampling G completions of each."""
+    def submit_rollout(self, step: int, refill: int = 0) -> PendingRollout:
+        """Draw P new prompts and start sampling G completions of each (refill > 0: dynamic sampling's
+        extra rollouts of step `step`, each with its own seed)."""
         recipe, algo = self.recipe, self.recipe.algorithm
         sampling = SamplingConfig(n=algo.group_size, max_new_tokens=recipe.rollout.max_new_tokens,
                                   temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p,
-                                  seed=algo.seed * 1_000_003 + step)
+                                  seed=algo.seed * 1_000_003 + step + refill * 1_000_000_007)
         return self.submit_generate(self.sampler.next(algo.prompts_per_step), sampling)
 
-    def step(self, step: int) -> dict[str, Any]:
-        recipe, algo = self.recipe, self.recipe.algorithm
-        phases = Phases()
+    def sample(self, pending: PendingRollout, phases: Phases) -> tuple[ScoredGroups, dict[str, torch.Tensor]]:
+        """Wait for a started rollout and score it; rewards follow the recipe's rule for truncated outputs."""
+        algo = self.recipe.algorithm
         with phases("rollout"):
-            pending, self.pending = self.pending or self.submit_rollout(step), None
-            prompts, completions = pending.prompts, self.collect(pending)
+            completions = self.collect(pending)
+        with phases("rewards"):
+            texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+            rewards, values = score(self.recipe, pending.prompts, completions, texts)
+            truncated = torch.tensor([not c.finished for c in completions])
+            rewards, in_loss = handle_truncated(rewards.flatten(), torch.ones(len(completions), 1), truncated,
+                                                algo.truncated, algo.truncation_penalty)
+        shape = (len(pending.prompts), algo.group_size)
+        return ScoredGroups(pending.prompts, completions, rewards.view(shape), in_loss.view(shape)), values
+
+    def refill(self, sampled: ScoredGroups, values: dict[str, torch.Tensor], step: int, phases: Phases
+               ) -> tuple[ScoredGroups, ScoredGroups, dict[str, torch.Tensor], int]:
+        """DAPO dynamic sampling: while fewer than P groups have unequal rewards, sample P more prompts
+        (at most `max_refills` times). Returns (train batch, everything sampled, its reward values, refills)."""
+        algo = self.recipe.algorithm
+        refills = 0
+        while len(select_informative_groups(sampled.rewards)) < algo.prompts_per_step and refills < algo.max_refills:
+            refills += 1
+            more, more_values = self.sample(self.submit_rollout(step, refills), phases)
+            sampled = ScoredGroups.concat([sampled, more])
+            values = {name: torch.cat([values[name], more_values[name]]) for name in values}
+        informative = select_informative_groups(sampled.rewards).tolist()
+        return fill_batch(sampled, informative, algo.prompts_per_step), sampled, values, refills
+
+    def step(self, step: int) -> dict[str, Any]:
+        algo = self.recipe.algorithm
+        phases = Phases()
+        pending, self.pending = self.pending or self.submit_rollout(step), None
+        batch, values = self.sample(pending, phases)
         if algo.overlap_rollout and step + 1 < algo.steps:
             # The engines sample the next batch with the current weights while the learners update on this
             # one; the weight sync below queues behind that sampling, so each batch is one update stale.
             self.pending = self.submit_rollout(step + 1)
-        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-        with phases("rewards"):
-            rewards, reward_metrics = score(recipe, prompts, completions, texts)
+        sampled, extra = batch, {}
+        if algo.dynamic_sampling:
+            batch, sampled, values, refills = self.refill(batch, values, step, phases)
+            extra = {"dynamic_sampling/refills": refills,
+                     "dynamic_sampling/filler_groups": int((batch.in_loss.sum(1) == 0).sum())}
         with phases("advantages"):
-            input_ids, mask, rollout_logp = rollout_tensors(prompts, completions, self.tokenizer.pad_token_id)
-            truncated = torch.tensor([not c.finished for c in completions])
-            flat_rewards, mask = handle_truncated(rewards.flatten(), mask, truncated, algo.truncated,
-                                                  algo.truncation_penalty)
-            rewards = flat_rewards.view_as(rewards)  # [P, G]
-            advantages = group_advantages(rewards, algo.advantage_scale).flatten()
+            input_ids, mask, rollout_logp = rollout_tensors(batch.prompts, batch.completions,
+                                                            self.tokenizer.pad_token_id)
+            mask = mask * batch.in_loss.flatten()[:, None]
+            advantages = group_advantages(batch.rewards, algo.advantage_scale).flatten()  # [P * G]
             shards = split_shards(input_ids, mask, rollout_logp, advantages, len(self.learners))
         with phases("update"):
             per_rank = self.learners.call_each("update", [(shard,) for shard in shards])
@@ -174,16 +213,11 @@ class GRPORun:
             self.sync_weights()
             if algo.reference_reset_every and (step + 1) % algo.reference_reset_every == 0:
                 self.learners.call("reset_reference")
-        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
-        tokens = int(lengths.sum())
         step_s = sum(phases.seconds.values())
         learner = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]}
-        return {**learner, **reward_metrics, **phases.seconds,
-                "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                "zero_std_groups": zero_std_groups(rewards).float().mean().item(),
-                "completion_length": lengths.mean().item(),
-                "truncated": 1 - sum(c.finished for c in completions) / len(completions),
-                "completions_per_s": len(completions) / step_s, "tokens_per_s": tokens / step_s, "step_s": step_s}
+        return {**learner, **phases.seconds, **extra, **sampling_metrics(sampled, values),
+                "completions_per_s": len(sampled.completions) / step_s,
+                "tokens_per_s": sum(len(c.token_ids) for c in sampled.completions) / step_s, "step_s": step_s}
 
     def shutdown(self) -> None:
         self.learners.shutdown()

@@ -5,6 +5,9 @@ No Ray here: the GPU check script and tests build shards directly.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 from align.data.prompts import Prompt
@@ -36,3 +39,49 @@ def split_shards(input_ids: torch.Tensor, mask: torch.Tensor, rollout_logp: torc
     part = [slice(i * per, (i + 1) * per) for i in range(learners)]
     return [RolloutShard(input_ids[s], mask[s], rollout_logp[s], advantages[s], global_tokens, global_rows)
             for s in part]
+
+
+@dataclass
+class ScoredGroups:
+    """One step's sampled groups: P prompts with G scored completions each, completions in prompt order."""
+
+    prompts: list[Prompt]
+    completions: list[Completion]  # [P * G]; completion.prompt_index indexes `prompts`
+    rewards: torch.Tensor  # [P, G] total reward after the truncation rule
+    in_loss: torch.Tensor  # [P, G] 1.0 where the completion enters the loss (truncated=mask zeroes some)
+
+    @property
+    def group_size(self) -> int:
+        return self.rewards.shape[1]
+
+    def select(self, groups: list[int], in_loss: bool = True) -> ScoredGroups:
+        """The listed groups, renumbered 0..K-1; `in_loss=False` keeps them out of the loss (fillers)."""
+        size = self.group_size
+        completions = [dataclasses.replace(c, prompt_index=new)
+                       for new, old in enumerate(groups) for c in self.completions[old * size:(old + 1) * size]]
+        index = torch.tensor(groups, dtype=torch.long)
+        weight = self.in_loss[index] if in_loss else torch.zeros(len(groups), size)
+        return ScoredGroups([self.prompts[i] for i in groups], completions, self.rewards[index], weight)
+
+    @staticmethod
+    def concat(parts: list[ScoredGroups]) -> ScoredGroups:
+        prompts, completions, offset = [], [], 0
+        for part in parts:
+            prompts += part.prompts
+            completions += [dataclasses.replace(c, prompt_index=c.prompt_index + offset) for c in part.completions]
+            offset += len(part.prompts)
+        return ScoredGroups(prompts, completions, torch.cat([p.rewards for p in parts]),
+                            torch.cat([p.in_loss for p in parts]))
+
+
+def fill_batch(sampled: ScoredGroups, informative: list[int], prompts_per_step: int) -> ScoredGroups:
+    """DAPO dynamic sampling's batch: the first `prompts_per_step` informative groups; if too few were
+    found, the rest of the batch is zero-std groups kept out of the loss, so every step has the same shape
+    (P x G rows) and only informative groups move the policy."""
+    chosen = sampled.select(informative[:prompts_per_step])
+    missing = prompts_per_step - len(chosen.prompts)
+    if missing <= 0:
+        return chosen
+    skipped = set(informative)
+    fillers = [g for g in range(len(sampled.prompts)) if g not in skipped][:missing]
+    return ScoredGroups.concat([chosen, sampled.select(fillers, in_loss=False)])
