@@ -115,10 +115,12 @@ def test_grpo_batch_that_does_not_split_over_learners():
         load_grpo_recipe("recipes/grpo-tiny.yaml", ["algorithm.prompts_per_step=3", "model.path=data/tokenizer-tiny"])
 
 
-@pytest.mark.parametrize(("override", "key"), [("rollout.engine=vllm", "rollout.engine")])
-def test_grpo_options_not_wired_yet_are_refused_not_ignored(override, key):
+def test_grpo_rollout_options_reach_the_vllm_engine():
     from align.config import load_grpo_recipe
 
-    with pytest.raises(RecipeError, match=rf"grpo-tiny.yaml: {key}: .* not wired into align grpo yet"):
-        load_grpo_recipe("recipes/grpo-tiny.yaml", [override, "model.path=null", "model.preset=deepseek-v2-tiny",
-                                                    "model.tokenizer=data/tokenizer-tiny"])
+    recipe = load_grpo_recipe("recipes/grpo-tiny.yaml", [
+        "rollout.engine=vllm", "rollout.kv_cache_gib=0.5", "rollout.max_model_len=512", "model.path=null",
+        "model.preset=llama-tiny", "model.tokenizer=data/tokenizer-tiny"])
+    assert recipe.rollout.engine == "vllm"
+    assert recipe.rollout.vllm_options() == {"max_model_len": 512, "kv_cache_gib": 0.5,
+                                             "gpu_memory_utilization": 0.9, "enforce_eager": None}

@@ -60,7 +60,7 @@ def test_paper_routing_settings() -> None:
     assert (v2.n_shared_experts, v2.n_routed_experts, v2.num_experts_per_tok) == (2, 160, 6)
     lite = build_config("deepseek-v2-lite")
     assert lite.q_lora_rank is None and lite.topk_method == "greedy"
-    assert all(isinstance(PRESETS[name](), DeepseekV2Config) for name in PRESETS)
+    assert all(isinstance(PRESETS[name](), DeepseekV2Config) for name in PRESETS if name.startswith("deepseek"))
 
 
 @pytest.mark.parametrize(

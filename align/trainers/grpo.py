@@ -14,6 +14,7 @@ Each phase is one call on a Ray actor group and is timed. The driver holds no mo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from align.rl.advantages import group_advantages, handle_truncated, select_infor
 from align.trainers.grpo_learner import GRPOLearner
 from align.trainers.rollout_batch import ScoredGroups, fill_batch, rollout_tensors, split_shards
 from rewards.registry import get_reward, math_answer
-from rollout.torch_engine import Completion, SamplingConfig, build_engine
+from rollout.engines import choose_engine, make_engine
+from rollout.torch_engine import Completion, SamplingConfig
 
 
 class Phases:
@@ -110,7 +112,9 @@ class GRPORun:
         self.learners.construct(GRPOLearner, [
             {"recipe": recipe, "rank": rank, "world_size": world, "master_addr": address, "master_port": port}
             for rank in range(world)])
-        self.engines.construct(build_engine, [{"model_config": recipe.model, "threads": rollout.threads_per_worker}]
+        self.engine_kind = choose_engine(rollout.engine, recipe.model, on_gpu=rollout.gpus_per_worker > 0)
+        self.engines.construct(make_engine, [{"model_config": recipe.model, "engine": self.engine_kind,
+                                              "threads": rollout.threads_per_worker, **rollout.vllm_options()}]
                                * rollout.num_workers)
         self.sync_weights()
 
@@ -124,11 +128,12 @@ class GRPORun:
         return self.collect(self.submit_generate(prompts, sampling))
 
     def submit_generate(self, prompts: list[Prompt], sampling: SamplingConfig) -> PendingRollout:
-        """Start sampling: prompts split evenly over the engines (returns at once)."""
+        """Start sampling: prompts split evenly over the engines, each with its own seed (returns at once)."""
         engines = len(self.engines)
         chunks = [list(range(len(prompts)))[i::engines] for i in range(engines)]
-        refs = self.engines.submit_each("generate", [([prompts[i].token_ids for i in chunk], sampling)
-                                                     for chunk in chunks])
+        refs = self.engines.submit_each("generate", [
+            ([prompts[i].token_ids for i in chunk], dataclasses.replace(sampling, seed=sampling.seed + e * 10**12))
+            for e, chunk in enumerate(chunks)])
         return PendingRollout(prompts, chunks, refs)
 
     def collect(self, pending: PendingRollout) -> list[Completion]:
@@ -232,6 +237,7 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
     run = GRPORun(recipe)
+    print(f"align grpo: {len(run.learners)} learner(s), {len(run.engines)} {run.engine_kind} rollout engine(s)")
     log = MetricsLog(run_dir)
     try:
         max_new = recipe.rollout.max_new_tokens
@@ -251,8 +257,8 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
         run.shutdown()
     plot = plot_curves(run_dir / "metrics.jsonl", ["reward/mean", "policy_loss", "kl", "completion_length"],
                        run_dir / "curves.png", f"align grpo: {run_dir.name}")
-    summary = {"heldout_before": before, "heldout_after": after, "plot": str(plot), "model": str(final),
-               "run_dir": str(run_dir)}
+    summary = {"engine": run.engine_kind, "heldout_before": before, "heldout_after": after, "plot": str(plot),
+               "model": str(final), "run_dir": str(run_dir)}
     if before is not None:
         print(f"align grpo: held-out accuracy {before:.1%} -> {after:.1%} ({len(run.heldout)} problems); "
               f"curves: {plot}")
