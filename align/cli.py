@@ -7,6 +7,7 @@ import os
 import sys
 
 from align.config import RecipeError, SFTRecipe, load_grpo_recipe, load_recipe, load_sft_recipe
+from align.config.grpo_schema import GRPORecipe
 from align.data.sources import DataError
 
 # One BLAS thread per process unless the user says otherwise (contended vCPUs stall with more).
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     grpo = commands.add_parser("grpo", help="GRPO reinforcement learning from a policy checkpoint")
     grpo.add_argument("recipe", help="YAML recipe (see recipes/)")
     grpo.add_argument("overrides", nargs="*", help="section.key=value changes to the recipe (anywhere on the line)")
+    grpo.add_argument("--check", action="store_true",
+                      help="validate the recipe, prompts and rewards, name the rollout engine, then exit")
     evaluate = commands.add_parser("eval", help="held-out math accuracy of a model (greedy decoding)")
     evaluate.add_argument("model", help="HF checkpoint directory, or a preset name for an untrained baseline")
     evaluate.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
@@ -44,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "grpo":
+            recipe = load_grpo_recipe(args.recipe, args.overrides)
+            if args.check:
+                return check_grpo(args.recipe, recipe)
             from align.trainers.grpo import run_grpo
 
-            run_grpo(load_grpo_recipe(args.recipe, args.overrides))
+            run_grpo(recipe)
             return 0
         if args.plan:  # planning needs the model's shape only, not the data or the weights
             return print_plan(load_recipe(SFTRecipe, args.recipe, args.overrides))
@@ -80,6 +86,23 @@ def main(argv: list[str] | None = None) -> int:
 
         if ray.is_initialized():
             ray.shutdown()
+    return 0
+
+
+def check_grpo(source: str, recipe: GRPORecipe) -> int:
+    """Tokenize every prompt (errors name file:line) and report what a run would use."""
+    from align.data.prompts import load_prompts
+    from align.models.loading import load_tokenizer
+    from rollout.engines import choose_engine
+
+    data = recipe.data
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
+    prompts = load_prompts(data.train, tokenizer, data.prompt_key, data.answer_key, data.max_prompt_length)
+    heldout = load_prompts([data.heldout], tokenizer, data.prompt_key, data.answer_key, data.max_prompt_length,
+                           data.heldout_limit) if data.heldout else []
+    engine = choose_engine(recipe.rollout.engine, recipe.model, on_gpu=recipe.rollout.gpus_per_worker > 0)
+    print(f"align: {source} is valid ({len(prompts)} prompts, {len(heldout)} held-out; rollout engine: {engine}; "
+          f"rewards: {', '.join(spec.name for spec in recipe.rewards)})")
     return 0
 
 

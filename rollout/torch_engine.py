@@ -58,6 +58,15 @@ class TorchEngine:
         if missing or unexpected:
             raise ValueError(f"weight sync: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+    def sleep(self) -> None:
+        """Colocated with a learner on a GPU: park the weights in host memory while the learner updates."""
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+
+    def wake_up(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to(self.device)
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         """`sampling.n` completions per prompt, in prompt order. Rows are left-padded so every prompt ends

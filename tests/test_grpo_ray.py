@@ -107,3 +107,22 @@ def test_dynamic_sampling_refills_until_every_trained_group_has_signal(tmp_path)
     assert all(m["dynamic_sampling/filler_groups"] == 0 for m in metrics), metrics
     for m in metrics:  # every sampled completion is counted, refills included
         assert m["completions_per_s"] * m["step_s"] == pytest.approx(4 * 8 * (1 + m["dynamic_sampling/refills"]))
+
+
+def test_colocated_engine_runs_in_a_learner_bundle(tmp_path):
+    from align.trainers.grpo import GRPORun
+
+    recipe = load_grpo_recipe(RECIPE, [*FRESH, "rollout.placement=colocated", "algorithm.prompts_per_step=4",
+                                       "train.micro_batch_size=16", "rollout.max_new_tokens=8",
+                                       f"output.dir={tmp_path}"])
+    run = GRPORun(recipe)
+    try:
+        learner_groups, engine_groups = run.learners.placement_group_ids(), run.engines.placement_group_ids()
+        table = ray.util.placement_group_table(run.learners.placement)
+        metrics = run.step(0)
+    finally:
+        run.shutdown()
+        ray.shutdown()
+    assert engine_groups == [learner_groups[0]] and len(set(learner_groups)) == 1
+    assert list(table["bundles"].values()) == [{"CPU": 2.0}, {"CPU": 1.0}]  # learner + engine, learner
+    assert metrics["time/update_s"] > 0 and metrics["time/sync_s"] > 0

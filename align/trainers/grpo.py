@@ -102,11 +102,16 @@ class GRPORun:
         start_ray(cluster.ray_address,
                   cluster.num_workers * cluster.cpus_per_worker + rollout.num_workers * rollout.cpus_per_worker,
                   cluster.num_workers * cluster.gpus_per_worker + rollout.num_workers * rollout.gpus_per_worker)
+        self.colocated = rollout.placement == "colocated"
+        hosted = [len(range(i, rollout.num_workers, cluster.num_workers)) for i in range(cluster.num_workers)]
+        engine_share = [{"CPU": n * rollout.cpus_per_worker, "GPU": n * rollout.gpus_per_worker} for n in hosted]
         self.learners = WorkerGroup("grpo-learners", cluster.num_workers, cluster.cpus_per_worker,
                                     cluster.gpus_per_worker, cluster.placement,
-                                    worker_env(cluster.threads_per_worker), cluster.call_timeout_s)
+                                    worker_env(cluster.threads_per_worker), cluster.call_timeout_s,
+                                    reserve_extra=engine_share if self.colocated else None)
         self.engines = WorkerGroup("rollout", rollout.num_workers, rollout.cpus_per_worker, rollout.gpus_per_worker,
-                                   cluster.placement, worker_env(rollout.threads_per_worker), cluster.call_timeout_s)
+                                   cluster.placement, worker_env(rollout.threads_per_worker), cluster.call_timeout_s,
+                                   colocate_with=self.learners if self.colocated else None)
         address, port = self.learners.rendezvous()
         world = cluster.num_workers
         self.learners.construct(GRPOLearner, [
@@ -213,8 +218,12 @@ class GRPORun:
             advantages = group_advantages(batch.rewards, algo.advantage_scale).flatten()  # [P * G]
             shards = split_shards(input_ids, mask, rollout_logp, advantages, len(self.learners))
         with phases("update"):
+            if self.colocated:  # free the shared device for the update (vLLM sleep mode on GPU)
+                self.engines.call("sleep")
             per_rank = self.learners.call_each("update", [(shard,) for shard in shards])
         with phases("sync"):
+            if self.colocated:
+                self.engines.call("wake_up")
             self.sync_weights()
             if algo.reference_reset_every and (step + 1) % algo.reference_reset_every == 0:
                 self.learners.call("reset_reference")
