@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - a worker failure is reported in one line, not a traceback
         from align.distributed.worker_group import WorkerError
+        from align.trainers.grpo import RewardFailure
 
-        if isinstance(err, WorkerError):
+        if isinstance(err, (WorkerError, RewardFailure)):
             print(f"align: error: {err}", file=sys.stderr)
             return 1
         raise

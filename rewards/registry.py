@@ -1,43 +1,97 @@
-"""Rewards by name. A reward scores a batch: `reward(prompts, completions, answers, **args) -> list[float]`.
+"""Rewards by name: the built-ins, third-party plug-ins, or a `module:attribute` path.
 
-The plug-in system (entry points, reward workers, timeouts, reward models) is the rewards issue; this is
-the minimal registry the GRPO pipeline calls through, so that work changes this module only.
+A plug-in package registers its rewards under the entry-point group `align.rewards` in its
+pyproject.toml, and a recipe then names them like built-ins:
+
+    [project.entry-points."align.rewards"]
+    toxicity = "my_package.rewards:toxicity"
+
+`tests/plugin_example/` is a complete example package (installed and used by tests/test_rewards.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import difflib
+import functools
 import importlib
+import importlib.metadata
+import inspect
+import math
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from rewards.answers import answers_match, extract_final_answer
+from rewards.base import Sample, Scores
 
-RewardFn = Callable[..., list[float]]
-
-
-def math_answer(prompts: list[Any], completions: list[str], answers: list[Any], **_: Any) -> list[float]:
-    """1.0 when the completion's final answer (`#### N`, boxed, or last number) equals the reference."""
-    return [float(answers_match(extract_final_answer(text), str(answer))) for text, answer in zip(completions, answers)]
-
-
-def answer_format(prompts: list[Any], completions: list[str], answers: list[Any], **_: Any) -> list[float]:
-    """1.0 when the completion ends with a `#### N` line, the trained answer format."""
-    return [float(extract_final_answer(text) is not None and "####" in text) for text in completions]
+ENTRY_POINT_GROUP = "align.rewards"
+BUILTINS = {
+    "math_answer": "rewards.math:math_answer",
+    "answer_format": "rewards.math:answer_format",
+    "format_match": "rewards.format:format_match",
+    "soft_overlong": "rewards.format:soft_overlong",
+    "code_execution": "rewards.code:code_execution",
+    "reward_model": "rewards.reward_model:RewardModel",
+}
 
 
-REWARDS: dict[str, RewardFn] = {"math_answer": math_answer, "answer_format": answer_format}
+class RewardError(RuntimeError):
+    """A reward broke its contract (raised, wrong count, wrong type); the message names it."""
 
 
-def get_reward(name: str) -> RewardFn:
-    """A registered name, or `module:attribute` of a callable importable from the current directory or
-    the Python path (as `python -m` would find it)."""
-    if name in REWARDS:
-        return REWARDS[name]
-    module, sep, attribute = name.partition(":")
-    if not sep:
-        raise KeyError(f"unknown reward {name!r}; registered: {', '.join(sorted(REWARDS))}, or module:attribute")
-    if os.getcwd() not in sys.path:
+def available() -> dict[str, str]:
+    """Every name a recipe can use without a module path: built-ins, then installed plug-ins."""
+    names = dict(BUILTINS)
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        names.setdefault(entry.name, entry.value)
+    return names
+
+
+def resolve(name: str) -> Any:
+    """The function or class a reward name stands for."""
+    target = available().get(name)
+    if target is None:
+        if ":" not in name:
+            close = difflib.get_close_matches(name, available(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise KeyError(f"unknown reward {name!r}{hint}; known: {', '.join(sorted(available()))}, "
+                           f"a plug-in in entry-point group {ENTRY_POINT_GROUP!r}, or module:attribute")
+        target = name
+    module, _, attribute = target.partition(":")
+    if os.getcwd() not in sys.path:  # `module:attribute` resolves from the current directory, as `python -m`
         sys.path.append(os.getcwd())
     return getattr(importlib.import_module(module), attribute)
+
+
+def build(name: str, args: dict[str, Any]) -> Callable[[list[Sample]], Any]:
+    """A ready-to-call reward: a class is instantiated once with `args`, a function gets them bound."""
+    target = resolve(name)
+    if inspect.isclass(target):
+        return target(**args)
+    return functools.partial(target, **args)
+
+
+def score(name: str, reward: Callable[[list[Sample]], Any], samples: list[Sample]) -> Scores:
+    """Call a reward and check what it returned: one value per sample, each a finite float or None.
+    NaN/inf become None (the sample then gets the recipe's fallback) and are flagged in `info`."""
+    result = reward(samples)
+    if inspect.isawaitable(result):
+        result = asyncio.run(_await(result))
+    scores = result if isinstance(result, Scores) else Scores(list(result) if result is not None else [])
+    if len(scores.values) != len(samples):
+        raise RewardError(f"reward {name!r} returned {len(scores.values)} values for {len(samples)} samples")
+    info = scores.info or [{} for _ in samples]
+    values: list[float | None] = []
+    for i, value in enumerate(scores.values):
+        if value is not None and not isinstance(value, (int, float)):
+            raise RewardError(f"reward {name!r} returned {type(value).__name__} for sample {i}, not a float")
+        if value is not None and not math.isfinite(value):
+            info[i] = {**info[i], "invalid": repr(value)}
+            value = None
+        values.append(None if value is None else float(value))
+    return Scores(values, info)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable

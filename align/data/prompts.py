@@ -7,7 +7,7 @@ seeded permutation per epoch, so step s always draws the same prompts for a give
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from align.data.chat import check_messages, render_ids
@@ -20,6 +20,7 @@ class Prompt:
     token_ids: list[int]
     answer: Any
     origin: str  # file:line
+    row: dict[str, Any] = field(default_factory=dict)  # the whole data row, for rewards
 
 
 def load_prompts(paths: list[str], tokenizer: Any, prompt_key: str, answer_key: str, max_length: int,
@@ -37,7 +38,8 @@ def load_prompts(paths: list[str], tokenizer: Any, prompt_key: str, answer_key: 
             ids = render_ids(tokenizer, messages, add_generation_prompt=True, origin=row.origin)
             if len(ids) > max_length:
                 raise DataError(f"{row.origin}: prompt is {len(ids)} tokens, over data.max_prompt_length {max_length}")
-            prompts.append(Prompt(messages, ids, row.data[answer_key], row.origin))
+            prompts.append(Prompt(messages, ids, row.data[answer_key], row.origin,
+                                  {**row.data, "answer": row.data[answer_key]}))
             if limit and len(prompts) == limit:
                 return prompts
     if not prompts:

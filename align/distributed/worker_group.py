@@ -8,6 +8,7 @@ failure names the rank and the method.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import warnings
@@ -20,7 +21,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
 class WorkerError(RuntimeError):
-    """A remote call failed or timed out; the message names the group, rank and method."""
+    """A remote call failed or timed out; the message names the group, rank and method. `hung`: the worker
+    is stuck or dead and must be restarted before it can serve again."""
+
+    def __init__(self, message: str, hung: bool = False, timed_out: bool = False):
+        super().__init__(message)
+        self.hung, self.timed_out = hung or timed_out, timed_out
 
 
 class Host:
@@ -73,15 +79,15 @@ class WorkerGroup:
                 remove_placement_group(self.placement)
                 raise WorkerError(f"{name}: Ray could not place {num_workers} workers x {bundles[0]} within "
                                   f"{timeout_s:.0f}s; the cluster has {ray.cluster_resources()}") from None
-        actor = ray.remote(Host)
+        self._actor_options = {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {"env_vars": env}, "max_restarts": 0}
         self.bundle_indices = [i % slots for i in range(num_workers)]
-        self.actors = [
-            actor.options(
-                num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env}, max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i),
-            ).remote()
-            for i in self.bundle_indices
-        ]
+        self.actors = [self._new_actor(i) for i in self.bundle_indices]
+
+    def _new_actor(self, bundle: int) -> Any:
+        return ray.remote(Host).options(
+            **self._actor_options,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=bundle),
+        ).remote()
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -95,8 +101,16 @@ class WorkerGroup:
         return self._get([self.actors[0].address.remote()], "address")[0]
 
     def construct(self, cls: type, per_rank_kwargs: Sequence[dict[str, Any]]) -> None:
+        self._made = (cls, list(per_rank_kwargs))
         refs = [actor.construct.remote(cls, **kwargs) for actor, kwargs in zip(self.actors, per_rank_kwargs)]
         self._get(refs, f"{cls.__name__}()")
+
+    def restart(self, rank: int) -> None:
+        """Replace rank `rank`'s actor (hung or dead) by a new one in the same bundle, built as before."""
+        ray.kill(self.actors[rank], no_restart=True)
+        self.actors[rank] = self._new_actor(self.bundle_indices[rank])
+        cls, per_rank_kwargs = self._made
+        self._get([self.actors[rank].construct.remote(cls, **per_rank_kwargs[rank])], f"{cls.__name__}() restart")
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Call `method` on every rank in parallel; results in rank order."""
@@ -118,20 +132,37 @@ class WorkerGroup:
     def wait(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
         return self._get(refs, what)
 
-    def _get(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        if pending:
-            ranks = [i for i, ref in enumerate(refs) if ref in pending]
-            raise WorkerError(f"{self.name}: {what} did not finish within {self.timeout_s:.0f}s on rank(s) {ranks}")
-        results = []
+    def gather(self, refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None) -> list[Any]:
+        """Each rank's result, or the `WorkerError` saying why there is none (failed, died, or still running
+        after `timeout_s`: that rank is hung, `restart` it). Never raises for a rank's failure."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=limit)
+        results: list[Any] = []
         for rank, ref in enumerate(refs):
+            if ref in pending:
+                results.append(WorkerError(f"{self.name} rank {rank}: {what} did not finish within {limit:.0f}s",
+                                           timed_out=True))
+                continue
             try:
                 results.append(ray.get(ref))
             except ray.exceptions.RayTaskError as err:
                 cause = err.cause if getattr(err, "cause", None) is not None else err
-                raise WorkerError(f"{self.name} rank {rank}: {what} failed: {type(cause).__name__}: {cause}") from cause
+                error = WorkerError(f"{self.name} rank {rank}: {what} failed: {type(cause).__name__}: {cause}")
+                error.__cause__ = cause
+                results.append(error)
             except ray.exceptions.RayActorError as err:
-                raise WorkerError(f"{self.name} rank {rank}: worker died during {what}: {err}") from err
+                results.append(WorkerError(f"{self.name} rank {rank}: worker died during {what}: {err}", hung=True))
+        return results
+
+    def _get(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
+        results = self.gather(refs, what)
+        late = [i for i, r in enumerate(results) if isinstance(r, WorkerError) and r.timed_out]
+        if late:
+            raise WorkerError(f"{self.name}: {what} did not finish within {self.timeout_s:.0f}s on rank(s) {late}",
+                              timed_out=True)
+        for result in results:
+            if isinstance(result, WorkerError):
+                raise result
         return results
 
     def shutdown(self) -> None:
@@ -148,8 +179,8 @@ def start_ray(address: str | None, num_cpus: float, num_gpus: float) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), num_gpus=num_gpus, include_dashboard=False,
-             log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+    ray.init(num_cpus=math.ceil(max(num_cpus, os.cpu_count() or 1)), num_gpus=math.ceil(num_gpus),
+             include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
 
 
 def worker_env(threads: int) -> dict[str, str]:

@@ -29,7 +29,8 @@ def _std_or_zero(values: torch.Tensor, dim: int | None = None, keepdim: bool = F
     return values.std() if dim is None else values.std(dim=dim, keepdim=keepdim)
 
 
-def group_advantages(rewards: torch.Tensor, scale: RewardScale = "group", eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, scale: RewardScale = "group", eps: float = 1e-4,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """Outcome-supervision advantages, one per completion (every token of completion i gets A_i).
 
         A_pi = (r_pi - mean_j r_pj) / (std + eps)
@@ -38,26 +39,35 @@ def group_advantages(rewards: torch.Tensor, scale: RewardScale = "group", eps: f
         A_pi = r_pi - mean_j r_pj   scale="none"   (Dr. GRPO: no std division, no difficulty bias)
 
     The baseline is always the group's own mean; only the divisor changes. std is unbiased (n - 1).
+    Completions without a valid reward (a reward call failed) take no part: means and stds run over the
+    valid j only, and their own A is 0.
 
     Args:
-        rewards: [P, G] scalar reward of each completion.
+        rewards: [P, G] scalar reward of each completion (any value where not valid, NaN included).
         scale: which std divides the centred rewards.
         eps: added to the std so that a group with equal rewards gets A = 0, not 0/0.
+        valid: [P, G] bool, default all True.
 
     Returns:
         [P, G] advantages, same dtype as rewards.
     """
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [prompts, group_size], got shape {tuple(rewards.shape)}")
-    centred = rewards - rewards.mean(dim=1, keepdim=True)  # [P, G]
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if valid is None:
+        valid = torch.ones_like(rewards, dtype=torch.bool)
+    weight = valid.to(rewards.dtype)  # [P, G]
+    rewards = torch.where(valid, rewards, torch.zeros_like(rewards))
+    count = weight.sum(dim=1, keepdim=True)  # [P, 1]
+    centred = (rewards - rewards.sum(dim=1, keepdim=True) / count.clamp(min=1)) * weight  # [P, G]
     if scale == "none":
         return centred
     if scale == "group":
-        std = _std_or_zero(rewards, dim=1, keepdim=True)  # [P, 1]
-    elif scale == "batch":
-        std = _std_or_zero(rewards)  # []
+        std = ((centred**2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt() * (count > 1)  # [P, 1]
     else:
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+        values = rewards[valid]
+        std = _std_or_zero(values) if values.numel() else rewards.new_zeros(())
     return centred / (std + eps)
 
 
@@ -111,13 +121,17 @@ def process_advantages(
 
 def zero_std_groups(rewards: torch.Tensor) -> torch.Tensor:
     """[P] bool: True where every reward of the group is exactly equal (max == min), so every A_pi = 0.
+    NaN rewards (failed reward calls) are left out; a group with fewer than two others counts as equal.
 
     Such a group gives no policy gradient (only the KL term, if any): DAPO's dynamic sampling drops it.
 
     Args:
         rewards: [P, G].
     """
-    return rewards.amax(dim=1) == rewards.amin(dim=1)
+    valid = ~rewards.isnan()
+    high = torch.where(valid, rewards, torch.full_like(rewards, float("-inf"))).amax(dim=1)
+    low = torch.where(valid, rewards, torch.full_like(rewards, float("inf"))).amin(dim=1)
+    return (high <= low) | (valid.sum(dim=1) < 2)
 
 
 def select_informative_groups(rewards: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,9 @@ Each phase is one call on a Ray actor group and is timed. The driver holds no mo
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +36,11 @@ from align.metrics import MetricsLog, plot_curves
 from align.models.loading import load_tokenizer
 from align.rl.advantages import group_advantages, handle_truncated, select_informative_groups, zero_std_groups
 from align.trainers.grpo_learner import GRPOLearner
+from align.trainers.reward_pool import RewardPool
 from align.trainers.rollout_batch import ScoredGroups, fill_batch, rollout_tensors, split_shards
-from rewards.registry import get_reward, math_answer
+from rewards.base import Sample
+from rewards.combine import combine_rewards
+from rewards.math import math_answer
 from rollout.engines import choose_engine, make_engine
 from rollout.torch_engine import Completion, SamplingConfig
 
@@ -54,25 +59,23 @@ class Phases:
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
 
 
-def score(recipe: GRPORecipe, prompts: list[Prompt], completions: list[Completion], texts: list[str]
-          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """r = sum_k c_k R_k(prompt, completion): the weighted total [P, G] and each reward's values [P * G]."""
-    answers = [prompts[c.prompt_index].answer for c in completions]
-    messages = [prompts[c.prompt_index].messages for c in completions]
-    total = torch.zeros(len(completions))
-    values = {}
-    for spec in recipe.rewards:
-        values[spec.name] = torch.tensor(get_reward(spec.name)(messages, texts, answers, **spec.args),
-                                         dtype=torch.float32)
-        total += spec.weight * values[spec.name]
-    return total.view(len(prompts), recipe.algorithm.group_size), values
+class RewardFailure(RuntimeError):
+    """Too many samples went without a valid reward: the run stops (after saving the policy)."""
 
 
-def sampling_metrics(sampled: ScoredGroups, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """What the policy produced this step, over every sampled completion (refills included)."""
+def sampling_metrics(sampled: ScoredGroups, values: dict[str, list[float | None]]) -> dict[str, float]:
+    """What the policy produced this step, over every sampled completion (refills included); rewards over
+    the samples that have one."""
     lengths = torch.tensor([len(c.token_ids) for c in sampled.completions], dtype=torch.float32)
-    return {**{f"reward/{name}": v.mean().item() for name, v in values.items()},
-            "reward/mean": sampled.rewards.mean().item(), "reward/std": sampled.rewards.std().item(),
+    valid = sampled.rewards[~sampled.rewards.isnan()]
+    per_reward = {}
+    for name, column in values.items():
+        present = [v for v in column if v is not None]
+        per_reward[f"reward/{name}"] = sum(present) / len(present) if present else float("nan")
+        per_reward[f"reward_missing/{name}"] = len(column) - len(present)
+    return {**per_reward, "reward_missing/total": int(sampled.rewards.isnan().sum()),
+            "reward/mean": valid.mean().item() if valid.numel() else float("nan"),
+            "reward/std": valid.std().item() if valid.numel() > 1 else 0.0,
             "zero_std_groups": zero_std_groups(sampled.rewards).float().mean().item(),
             "completion_length": lengths.mean().item(),
             "truncated": 1 - sum(c.finished for c in sampled.completions) / len(sampled.completions)}
@@ -96,12 +99,12 @@ class GRPORun:
             data.seed)
         self.heldout = load_prompts([data.heldout], self.tokenizer, data.prompt_key, data.answer_key,
                                     data.max_prompt_length, data.heldout_limit) if data.heldout else []
-        for spec in recipe.rewards:
-            get_reward(spec.name)
         cluster, rollout = recipe.cluster, recipe.rollout
         start_ray(cluster.ray_address,
-                  cluster.num_workers * cluster.cpus_per_worker + rollout.num_workers * rollout.cpus_per_worker,
-                  cluster.num_workers * cluster.gpus_per_worker + rollout.num_workers * rollout.gpus_per_worker)
+                  cluster.num_workers * cluster.cpus_per_worker + rollout.num_workers * rollout.cpus_per_worker
+                  + sum(r.num_workers * r.cpus_per_worker for r in recipe.rewards),
+                  cluster.num_workers * cluster.gpus_per_worker + rollout.num_workers * rollout.gpus_per_worker
+                  + sum(r.num_workers * r.gpus_per_worker for r in recipe.rewards))
         self.colocated = rollout.placement == "colocated"
         hosted = [len(range(i, rollout.num_workers, cluster.num_workers)) for i in range(cluster.num_workers)]
         engine_share = [{"CPU": n * rollout.cpus_per_worker, "GPU": n * rollout.gpus_per_worker} for n in hosted]
@@ -112,6 +115,8 @@ class GRPORun:
         self.engines = WorkerGroup("rollout", rollout.num_workers, rollout.cpus_per_worker, rollout.gpus_per_worker,
                                    cluster.placement, worker_env(rollout.threads_per_worker), cluster.call_timeout_s,
                                    colocate_with=self.learners if self.colocated else None)
+        self.rewards = RewardPool(recipe.rewards, cluster.placement, worker_env(1))
+        self.missing_rewards: deque[tuple[int, int]] = deque(maxlen=recipe.reward_faults.window)
         address, port = self.learners.rendezvous()
         world = cluster.num_workers
         self.learners.construct(GRPOLearner, [
@@ -157,7 +162,8 @@ class GRPORun:
             return None
         completions = self.generate(self.heldout, SamplingConfig(n=1, max_new_tokens=max_new_tokens, temperature=0))
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-        correct = math_answer([], texts, [self.heldout[c.prompt_index].answer for c in completions])
+        correct = math_answer([Sample(self.heldout[c.prompt_index].messages, text, self.heldout[c.prompt_index].row)
+                               for c, text in zip(completions, texts)])
         return sum(correct) / len(correct)
 
     def submit_rollout(self, step: int, refill: int = 0) -> PendingRollout:
@@ -169,22 +175,42 @@ class GRPORun:
                                   seed=algo.seed * 1_000_003 + step + refill * 1_000_000_007)
         return self.submit_generate(self.sampler.next(algo.prompts_per_step), sampling)
 
-    def sample(self, pending: PendingRollout, phases: Phases) -> tuple[ScoredGroups, dict[str, torch.Tensor]]:
-        """Wait for a started rollout and score it; rewards follow the recipe's rule for truncated outputs."""
-        algo = self.recipe.algorithm
+    def sample(self, pending: PendingRollout, phases: Phases) -> tuple[ScoredGroups, dict[str, list[float | None]]]:
+        """Wait for a started rollout and score it: r = sum_k c_k R_k, NaN where a reward failed (unless the
+        recipe gives a fallback); truncated outputs follow the recipe's rule."""
+        recipe, algo = self.recipe, self.recipe.algorithm
         with phases("rollout"):
             completions = self.collect(pending)
         with phases("rewards"):
             texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-            rewards, values = score(self.recipe, pending.prompts, completions, texts)
+            prompts = pending.prompts
+            scored = self.rewards.score([Sample(prompts[c.prompt_index].messages, text, prompts[c.prompt_index].row,
+                                                len(c.token_ids)) for c, text in zip(completions, texts)])
+            for error in scored.errors:
+                tqdm.write(f"align grpo: {error}", file=sys.stderr)
+            rewards, _ = combine_rewards(scored.values, {spec.name: spec.weight for spec in recipe.rewards},
+                                         recipe.reward_faults.fallback)
             truncated = torch.tensor([not c.finished for c in completions])
-            rewards, in_loss = handle_truncated(rewards.flatten(), torch.ones(len(completions), 1), truncated,
+            rewards, in_loss = handle_truncated(rewards, torch.ones(len(completions), 1), truncated,
                                                 algo.truncated, algo.truncation_penalty)
-        shape = (len(pending.prompts), algo.group_size)
-        return ScoredGroups(pending.prompts, completions, rewards.view(shape), in_loss.view(shape)), values
+            in_loss = in_loss.squeeze(1) * ~rewards.isnan()
+        shape = (len(prompts), algo.group_size)
+        return ScoredGroups(prompts, completions, rewards.view(shape), in_loss.view(shape)), scored.values
 
-    def refill(self, sampled: ScoredGroups, values: dict[str, torch.Tensor], step: int, phases: Phases
-               ) -> tuple[ScoredGroups, ScoredGroups, dict[str, torch.Tensor], int]:
+    def check_reward_failures(self, metrics: dict[str, Any]) -> None:
+        """Stop when more than `max_failure_rate` of the last `window` steps' samples had no valid reward."""
+        faults = self.recipe.reward_faults
+        self.missing_rewards.append((metrics["reward_missing/total"], round(metrics["completions_per_s"]
+                                                                            * metrics["step_s"])))
+        missing, total = (sum(column) for column in zip(*self.missing_rewards))
+        if total and missing / total > faults.max_failure_rate:
+            broken = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("reward_missing/") and v}
+            raise RewardFailure(f"{missing} of {total} samples in the last {len(self.missing_rewards)} steps had no "
+                                f"valid reward (reward_faults.max_failure_rate {faults.max_failure_rate}); missing "
+                                f"per reward in the last step: {broken}")
+
+    def refill(self, sampled: ScoredGroups, values: dict[str, list[float | None]], step: int, phases: Phases
+               ) -> tuple[ScoredGroups, ScoredGroups, dict[str, list[float | None]], int]:
         """DAPO dynamic sampling: while fewer than P groups have unequal rewards, sample P more prompts
         (at most `max_refills` times). Returns (train batch, everything sampled, its reward values, refills)."""
         algo = self.recipe.algorithm
@@ -193,7 +219,7 @@ class GRPORun:
             refills += 1
             more, more_values = self.sample(self.submit_rollout(step, refills), phases)
             sampled = ScoredGroups.concat([sampled, more])
-            values = {name: torch.cat([values[name], more_values[name]]) for name in values}
+            values = {name: values[name] + more_values[name] for name in values}
         informative = select_informative_groups(sampled.rewards).tolist()
         return fill_batch(sampled, informative, algo.prompts_per_step), sampled, values, refills
 
@@ -215,7 +241,8 @@ class GRPORun:
             input_ids, mask, rollout_logp = rollout_tensors(batch.prompts, batch.completions,
                                                             self.tokenizer.pad_token_id)
             mask = mask * batch.in_loss.flatten()[:, None]
-            advantages = group_advantages(batch.rewards, algo.advantage_scale).flatten()  # [P * G]
+            valid = ~batch.rewards.isnan()  # [P, G], False where a reward call failed
+            advantages = group_advantages(batch.rewards, algo.advantage_scale, valid=valid).flatten()  # [P * G]
             shards = split_shards(input_ids, mask, rollout_logp, advantages, len(self.learners))
         with phases("update"):
             if self.colocated:  # free the shared device for the update (vLLM sleep mode on GPU)
@@ -236,6 +263,7 @@ class GRPORun:
     def shutdown(self) -> None:
         self.learners.shutdown()
         self.engines.shutdown()
+        self.rewards.shutdown()
 
 
 def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
@@ -255,6 +283,13 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
         for step in bar:
             metrics = run.step(step)
             log.log(step + 1, metrics)
+            try:
+                run.check_reward_failures(metrics)
+            except RewardFailure:
+                staging = checkpoint.staging_dir(run_dir, "stopped")
+                run.learners.call("export_hf", str(staging))
+                checkpoint.commit(staging, run_dir / "stopped")
+                raise
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}",
                             c_s=f"{metrics['completions_per_s']:.1f}")
         after = run.heldout_accuracy(max_new)

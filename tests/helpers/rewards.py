@@ -1,15 +1,38 @@
-"""A reward with a dense signal even for an untrained model, for pipeline tests: the share of digits."""
+"""Rewards for pipeline tests (the align reward protocol, rewards/base.py)."""
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
-
-def digit_fraction(prompts: list[Any], completions: list[str], answers: list[Any], **_: Any) -> list[float]:
-    return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in completions]
+from rewards.base import Sample
 
 
-def odd_answers_only(prompts: list[Any], completions: list[str], answers: list[Any], **_: Any) -> list[float]:
+def digit_fraction(samples: list[Sample], **_: Any) -> list[float]:
+    """The share of digits: a dense signal even for an untrained model."""
+    return [sum(ch.isdigit() for ch in s.completion) / max(1, len(s.completion)) for s in samples]
+
+
+def odd_answers_only(samples: list[Sample], **_: Any) -> list[float]:
     """Groups of even-answer prompts all score 0 (no GRPO signal); odd ones score the parity of the text's
     length (varies within a group). Makes dynamic sampling drop and refill groups by prompt."""
-    return [0.0 if int(answer) % 2 == 0 else float(len(text) % 2) for text, answer in zip(completions, answers)]
+    return [0.0 if int(s.row["answer"]) % 2 == 0 else float(len(s.completion) % 2) for s in samples]
+
+
+def flaky(samples: list[Sample], mode: str = "raise", every: int = 1, **_: Any) -> list[Any]:
+    """Misbehaves on every `every`-th call of its process (a per-process counter): raise, hang, return
+    NaN, the wrong count, or kill its own process. Otherwise scores like digit_fraction."""
+    flaky.calls = getattr(flaky, "calls", 0) + 1
+    if flaky.calls % every == 0:
+        if mode == "raise":
+            raise ValueError("flaky reward failed on purpose")
+        if mode == "hang":
+            time.sleep(3600)
+        if mode == "nan":
+            return [float("nan")] * len(samples)
+        if mode == "count":
+            return [0.0]
+        if mode == "die":
+            os._exit(1)
+    return digit_fraction(samples)

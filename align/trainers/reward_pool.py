@@ -1,0 +1,62 @@
+"""The recipe's rewards in Ray worker groups: every reward scores the batch at the same time, each split
+over its own workers, each call bounded by the reward's timeout.
+
+A reward that raises, hangs past its timeout, dies, or returns the wrong count or NaN/inf costs only the
+samples of that call: they get no value (the recipe's fallback decides what that means), the event is
+counted per reward and described in `errors`, a hung or dead worker is replaced, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from align.config.grpo_schema import RewardSpec
+from align.distributed.worker_group import WorkerError, WorkerGroup
+from rewards.base import Sample
+from rewards.worker import RewardWorker
+
+
+@dataclass
+class RewardValues:
+    values: dict[str, list[float | None]]  # reward name -> one value per sample, None where missing
+    failed: dict[str, int] = field(default_factory=dict)  # reward name -> samples without a value
+    errors: list[str] = field(default_factory=list)  # one line per failed call, naming reward and cause
+
+
+class RewardPool:
+    def __init__(self, specs: list[RewardSpec], placement: str, env: dict[str, str]):
+        self.specs = specs
+        self.groups = []
+        for index, spec in enumerate(specs):
+            group = WorkerGroup(f"reward-{index}-{spec.name.replace(':', '.')}", spec.num_workers,
+                                spec.cpus_per_worker, spec.gpus_per_worker, placement, env, spec.timeout_s)
+            group.construct(RewardWorker, [{"name": spec.name, "args": spec.args}] * spec.num_workers)
+            self.groups.append(group)
+
+    def score(self, samples: list[Sample]) -> RewardValues:
+        started = time.monotonic()
+        calls = []
+        for spec, group in zip(self.specs, self.groups):
+            chunks = [list(range(len(samples)))[rank::len(group)] for rank in range(len(group))]
+            refs = group.submit_each("score", [([samples[i] for i in chunk],) for chunk in chunks])
+            calls.append((spec, group, chunks, refs))
+        result = RewardValues({})
+        for spec, group, chunks, refs in calls:
+            column: list[float | None] = [None] * len(samples)
+            remaining = max(0.0, spec.timeout_s - (time.monotonic() - started))
+            for rank, (chunk, outcome) in enumerate(zip(chunks, group.gather(refs, "score", remaining))):
+                if isinstance(outcome, WorkerError):
+                    result.errors.append(f"reward {spec.name!r}: {outcome}")
+                    if outcome.hung:
+                        group.restart(rank)
+                    continue
+                for index, value in zip(chunk, outcome.values):
+                    column[index] = value
+            result.values[spec.name] = column
+            result.failed[spec.name] = sum(v is None for v in column)
+        return result
+
+    def shutdown(self) -> None:
+        for group in self.groups:
+            group.shutdown()
