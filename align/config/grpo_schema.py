@@ -26,6 +26,8 @@ class PromptDataConfig:
     answer_key: str = option("answer", "column passed to rewards as the reference answer")
     heldout: str | None = option(None, "held-out prompt rows for accuracy before/after training")
     heldout_limit: int = option(200, "held-out problems to score")
+    heldout_reward: str = option("math_answer", "reward whose mean over greedy held-out completions is reported "
+                                 "before and after training (code_execution for code)")
     max_prompt_length: int = option(256, "prompts longer than this (tokens) are an error")
     seed: int = option(0, "prompt order seed")
 

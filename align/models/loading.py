@@ -19,25 +19,34 @@ __all__ = ["build_model", "is_moe", "load_tokenizer", "moe_block_classes"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def build_model(config: ModelConfig, tokenizer: Any) -> nn.Module:
-    """Load `config.path`, or build `config.preset` with weights drawn from `config.seed`."""
-    from transformers import AutoModelForCausalLM
+def build_model(config: ModelConfig, tokenizer: Any, scalar_head: bool = False) -> nn.Module:
+    """Load `config.path`, or build `config.preset` with weights drawn from `config.seed`.
 
+    `scalar_head`: a reward model instead of a causal LM: the sequence-classification class of the same
+    architecture with one output (`num_labels=1`). From a causal LM checkpoint its body is loaded and the
+    score head is new; a reward-model checkpoint loads whole. The score is read at the last token that is
+    not `pad_token_id`, so the config's pad id is set to the tokenizer's."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto_class = AutoModelForSequenceClassification if scalar_head else AutoModelForCausalLM
+    head = {"num_labels": 1} if scalar_head else {}
     dtype = DTYPES[config.dtype]
     if config.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            config.path, dtype=dtype, attn_implementation=config.attn_implementation)
+        model = auto_class.from_pretrained(
+            config.path, dtype=dtype, attn_implementation=config.attn_implementation, **head)
     else:
         from align.models.presets import build_config
 
         model_config = build_config(
             config.preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            **config.preset_overrides)
+            **head, **config.preset_overrides)
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
-            model = AutoModelForCausalLM.from_config(
+            model = auto_class.from_config(
                 model_config, dtype=dtype, attn_implementation=config.attn_implementation)
+    if scalar_head:
+        model.config.pad_token_id = tokenizer.pad_token_id
     if config.experts_implementation is not None:
         model.set_experts_implementation(config.experts_implementation)
     # Training never reuses a KV cache, and a cache object disables transformers' packed-sequence masks.

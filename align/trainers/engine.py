@@ -84,8 +84,6 @@ def build_policy_engine(model_cfg: ModelConfig, lora: LoRAConfig, ds: DeepSpeedC
                         world_size: int, total_steps: int, tokenizer: Any) -> tuple[Any, list[type[nn.Module]]]:
     """The trainable policy in a DeepSpeed engine: model (+ LoRA), ZeRO-3 leaf MoE blocks, AdamW, lr schedule.
     Returns the engine and the model's MoE block classes (empty for dense models)."""
-    import deepspeed
-
     model = build_model(model_cfg, tokenizer)
     moe_classes = moe_block_classes(model)
     if lora.enabled:
@@ -93,6 +91,14 @@ def build_policy_engine(model_cfg: ModelConfig, lora: LoRAConfig, ds: DeepSpeedC
 
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                  target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    return build_engine(model, moe_classes, ds, train, world_size, total_steps), moe_classes
+
+
+def build_engine(model: nn.Module, moe_classes: list[type[nn.Module]], ds: DeepSpeedConfig, train: OptimConfig,
+                 world_size: int, total_steps: int) -> Any:
+    """Any model (policy, reward model) in a DeepSpeed engine: ZeRO-3 leaf MoE blocks, AdamW, lr schedule."""
+    import deepspeed
+
     if moe_classes and ds.zero_stage == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
@@ -101,7 +107,7 @@ def build_policy_engine(model_cfg: ModelConfig, lora: LoRAConfig, ds: DeepSpeedC
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=make_scheduler(optimizer, train, total_steps),
                                            config=deepspeed_config(ds, train, world_size))
-    return engine, moe_classes
+    return engine
 
 
 def router_logits(outputs: Any) -> tuple[torch.Tensor, ...]:

@@ -40,7 +40,7 @@ from align.trainers.reward_pool import RewardPool
 from align.trainers.rollout_batch import ScoredGroups, fill_batch, rollout_tensors, split_shards
 from rewards.base import Sample
 from rewards.combine import combine_rewards
-from rewards.math import math_answer
+from rewards.registry import build, score
 from rollout.engines import choose_engine, make_engine
 from rollout.torch_engine import Completion, SamplingConfig
 
@@ -158,13 +158,17 @@ class GRPORun:
         return [completion for index in range(len(pending.prompts)) for completion in by_prompt[index]]
 
     def heldout_accuracy(self, max_new_tokens: int) -> float | None:
+        """Mean `data.heldout_reward` of greedy completions of the held-out prompts (scored in the driver;
+        a sample without a score counts 0)."""
         if not self.heldout:
             return None
         completions = self.generate(self.heldout, SamplingConfig(n=1, max_new_tokens=max_new_tokens, temperature=0))
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-        correct = math_answer([Sample(self.heldout[c.prompt_index].messages, text, self.heldout[c.prompt_index].row)
-                               for c, text in zip(completions, texts)])
-        return sum(correct) / len(correct)
+        name = self.recipe.data.heldout_reward
+        scores = score(name, build(name, {}), [Sample(self.heldout[c.prompt_index].messages, text,
+                                                      self.heldout[c.prompt_index].row, len(c.token_ids))
+                                               for c, text in zip(completions, texts)])
+        return sum(v or 0.0 for v in scores.values) / len(scores.values)
 
     def submit_rollout(self, step: int, refill: int = 0) -> PendingRollout:
         """Draw P new prompts and start sampling G completions of each (refill > 0: dynamic sampling's
@@ -304,7 +308,8 @@ def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
     summary = {"engine": run.engine_kind, "heldout_before": before, "heldout_after": after, "plot": str(plot),
                "model": str(final), "run_dir": str(run_dir)}
     if before is not None:
-        print(f"align grpo: held-out accuracy {before:.1%} -> {after:.1%} ({len(run.heldout)} problems); "
+        print(f"align grpo: held-out {recipe.data.heldout_reward} {before:.1%} -> {after:.1%} "
+              f"({len(run.heldout)} problems); "
               f"curves: {plot}")
     print(f"align grpo: done, {recipe.algorithm.steps} steps; model: {final}")
     return summary
