@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -90,9 +91,10 @@ def test_failed_samples_leave_their_group_statistics():
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory):
     """The example plug-in package, pip-installed into a directory of its own."""
-    target = tmp_path_factory.mktemp("plugin")
+    source, target = tmp_path_factory.mktemp("plugin-src"), tmp_path_factory.mktemp("plugin")
+    shutil.copytree(ROOT / "tests" / "plugin_example", source, dirs_exist_ok=True)  # pip builds in the tree
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT / "tests" / "plugin_example")], check=True, timeout=300)
+                    "--target", str(target), str(source)], check=True, timeout=300)
     return target
 
 
