@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -290,7 +291,16 @@ Held-out sets are drawn first (seed {args.seed} + k * {SEED_STRIDE}: k=1 sft-tin
 2 math-tiny/heldout, 3 math-tiny/train, 4 sft-tiny/train), then each later split skips every question
 already taken, so the four arithmetic sets share no question text (whitespace-normalised).
 """
-    (out_dir / "PROVENANCE.md").write_text(text, encoding="utf-8")
+    path = out_dir / "PROVENANCE.md"
+    path.write_text(text + other_sections(path), encoding="utf-8")
+
+
+def other_sections(path: Path) -> str:
+    """The sections other build scripts wrote into PROVENANCE.md (between their marker lines), kept as they are."""
+    if not path.exists():
+        return ""
+    marked = re.finditer(r"<!-- ([\w-]+): written by .*?<!-- end \1 -->\n", path.read_text(encoding="utf-8"), re.S)
+    return "".join("\n" + m.group(0) for m in marked)
 
 
 def main(argv: list[str]) -> None:

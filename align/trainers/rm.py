@@ -65,14 +65,16 @@ def heldout_metrics(loss_kind: str, per_rank: list[dict[str, list]]) -> dict[str
     return {f"heldout/{key}": value for key, value in metrics.items()}
 
 
-def describe_accuracy(before: dict[str, float], after: dict[str, float]) -> str:
-    """'0.49 -> 0.93 (600 rows; final_answer 0.50 -> 1.00, ...)' for the final report."""
+def describe_heldout(after: dict[str, float], before: dict[str, float] | None = None) -> str:
+    """'held-out accuracy 0.487 -> 0.863 (300 rows; final_answer 0.49 -> 0.86)', or one value without `before`."""
+    def change(key: str, digits: int) -> str:
+        return (f"{before[key]:.{digits}f} -> " if before and key in before else "") + f"{after[key]:.{digits}f}"
+
     if "heldout/accuracy" not in after:
-        return f"held-out loss {before['heldout/loss']:.4f} -> {after['heldout/loss']:.4f}"
+        return f"held-out loss {change('heldout/loss', 4)} ({after['heldout/rows']} rows)"
     prefix = "heldout/accuracy/"
-    parts = [f"{key[len(prefix):]} {before.get(key, math.nan):.2f} -> {after[key]:.2f}"
-             for key in after if key.startswith(prefix)]
-    return (f"held-out accuracy {before['heldout/accuracy']:.3f} -> {after['heldout/accuracy']:.3f} "
+    parts = [f"{key[len(prefix):]} {change(key, 2)}" for key in after if key.startswith(prefix)]
+    return (f"held-out accuracy {change('heldout/accuracy', 3)} "
             f"({after['heldout/rows']} rows{'; ' + ', '.join(parts) if parts else ''})")
 
 
@@ -119,7 +121,7 @@ def _train(recipe: RMRecipe, group: WorkerGroup, run_dir: Path, total_steps: int
     before = evaluate()
     if before:
         log.log(step, before)
-        print(f"align rm: before training: {describe_accuracy(before, before)}")
+        print(f"align rm: before training: {describe_heldout(before)}")
     first = last = None
     train_seconds = 0.0
     bar = tqdm(total=total_steps, initial=step, desc="rm", unit="step", dynamic_ncols=True)
@@ -154,7 +156,7 @@ def _train(recipe: RMRecipe, group: WorkerGroup, run_dir: Path, total_steps: int
     summary = {"steps": step, "first_loss": first["rm_loss"], "final_loss": last["rm_loss"],
                "final_train_accuracy": last.get("accuracy"), "heldout_before": before, "heldout_after": after,
                "train_seconds": train_seconds, "model": str(final), "plot": str(plot), "run_dir": str(run_dir)}
-    report = describe_accuracy(before, after) if after else "no held-out set"
+    report = describe_heldout(after, before) if after else "no held-out set"
     print(f"align rm: done, {step} steps in {train_seconds:.0f}s, loss {first['rm_loss']:.3f} -> "
           f"{last['rm_loss']:.3f}; {report}; model: {final}; curves: {plot}")
     return summary
