@@ -78,7 +78,8 @@ BENCH_OVERRIDES = [
     "rollout.engine=torch", "algorithm.prompts_per_step=8", "algorithm.group_size=8", "train.micro_batch_size=64",
     "rollout.max_new_tokens=64", "rollout.temperature=1.0", "rollout.top_p=1.0", "algorithm.kl_coef=0.04",
     "algorithm.clip_eps=0.2", "algorithm.aggregation=seq_mean_token_mean", "algorithm.advantage_scale=group",
-    "algorithm.updates_per_batch=1", "algorithm.truncated=none", "train.schedule=constant", "train.warmup_steps=0",
+    "algorithm.updates_per_batch=1", "algorithm.truncated=none", "algorithm.dynamic_sampling=false",
+    "train.schedule=constant", "train.warmup_steps=0",
     "data.heldout=null", "model.dtype=float32", "deepspeed.precision=fp32", "output.save_every=0",
 ]
 # align's loss aggregation -> TRL's loss_type of the same formula.

@@ -89,6 +89,7 @@ def test_grpo_stops_with_a_saved_policy_when_rewards_keep_failing(tmp_path):
          "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny", "data.heldout=null",
          f"rewards=[{{name: '{GOOD}'}}, {{name: '{FLAKY}', args: {{mode: raise, every: 1}}}}]",
          "reward_faults.max_failure_rate=0.5", "algorithm.steps=4", "algorithm.prompts_per_step=4",
+         "algorithm.dynamic_sampling=false",
          "train.micro_batch_size=16", "rollout.max_new_tokens=8", f"output.dir={run_dir}"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert result.returncode == 1, result.stderr[-3000:]
