@@ -19,16 +19,16 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from align import checkpoint
 from align.config.loader import to_dict
 from align.config.rm_schema import RMRecipe
 from align.data.preferences import preflight
-from align.distributed.worker_group import WorkerGroup, start_ray, worker_env
+from align.distributed.worker_group import WorkerGroup
 from align.metrics import MetricsLog, plot_curves
 from align.models.loading import load_tokenizer
 from align.rl.rm_losses import pair_metrics, pairwise_loss, pointwise_bce, pointwise_metrics, pointwise_mse
+from align.trainers.learner_group import construct_learners, learner_group, resume_step
 from align.trainers.rm_learner import RMLearner
-from align.trainers.sft import export_model, prepare_run_dir, reduce_metrics, save_checkpoint, truncate_metrics
+from align.trainers.sft import export_model, prepare_run_dir, reduce_metrics, save_checkpoint
 
 
 def total_steps_for(recipe: RMRecipe, total_rows: int) -> int:
@@ -85,34 +85,20 @@ def run_rm(recipe: RMRecipe, resume: bool = False) -> dict[str, Any]:
     total_steps = total_steps_for(recipe, int(stats["total_rows"]))
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
 
-    cluster = recipe.cluster
-    start_ray(cluster.ray_address, cluster.num_workers * cluster.cpus_per_worker,
-              cluster.num_workers * cluster.gpus_per_worker)
-    group = WorkerGroup("rm-learners", cluster.num_workers, cluster.cpus_per_worker, cluster.gpus_per_worker,
-                        cluster.placement, worker_env(cluster.threads_per_worker), cluster.call_timeout_s)
-    try:
+    with learner_group("rm-learners", recipe.cluster) as group:
         return _train(recipe, group, run_dir, total_steps, resume)
-    finally:
-        group.shutdown()
 
 
 def _train(recipe: RMRecipe, group: WorkerGroup, run_dir: Path, total_steps: int, resume: bool) -> dict:
-    address, port = group.rendezvous()
+    construct_learners(group, RMLearner, recipe, total_steps)
     world = len(group)
-    group.construct(RMLearner, [
-        {"recipe": recipe, "rank": rank, "world_size": world, "master_addr": address, "master_port": port,
-         "total_steps": total_steps} for rank in range(world)])
     info = group.call("info")[0]
-    step = 0
-    latest = checkpoint.latest_checkpoint(run_dir / "checkpoints") if resume else None
-    if latest is not None:
-        step = group.call("load_state", str(latest))[0]
-        truncate_metrics(run_dir / "metrics.jsonl", step)
+    step = resume_step(group, run_dir, resume)
     print(f"align rm: {info['model_class']}, {info['parameters'] / 1e6:.2f}M parameters, "
           f"{'MoE (balance losses on)' if info['moe'] else 'dense'}, {recipe.train.loss} loss, {world} x DeepSpeed "
           f"ZeRO-{recipe.deepspeed.zero_stage} on {info['backend']}, {info['rows']} rows, "
           f"{info['heldout_rows']} held-out, {total_steps} steps" +
-          (f", resumed at step {step} from {latest}" if latest else ""))
+          (f", resumed at step {step}" if step else ""))
 
     def evaluate() -> dict[str, float]:
         return heldout_metrics(recipe.train.loss, group.call("evaluate")) if info["heldout_rows"] else {}

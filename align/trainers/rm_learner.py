@@ -11,23 +11,21 @@ A plain Python object; the driver (align/trainers/rm.py) hosts N of them in Ray 
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from align.config.rm_schema import RMRecipe
 from align.data.preferences import RMBatch, RMStream, collate, load_examples
-from align.models.export import save_hf_checkpoint
 from align.models.loading import build_model, load_tokenizer, moe_block_classes
 from align.rl.rm_losses import pair_metrics, pairwise_loss, pointwise_bce, pointwise_metrics, pointwise_mse
 from align.trainers import engine as ds_setup
+from align.trainers.learner_group import StreamedLearnerState
 
 
-class RMLearner:
+class RMLearner(StreamedLearnerState):
     def __init__(self, recipe: RMRecipe, rank: int, world_size: int, master_addr: str, master_port: int,
                  total_steps: int):
         torch.set_num_threads(recipe.cluster.threads_per_worker)
@@ -151,19 +149,3 @@ class RMLearner:
         kept = len(mine)
         return {"rewards": first[:kept], "rejected": second[:kept], "targets": [e.target for e in mine],
                 "categories": [e.category for e in mine]}
-
-    def save_state(self, directory: str) -> None:
-        """Collective: DeepSpeed engine state (weights, optimizer, scheduler) plus this rank's data position."""
-        self.engine.save_checkpoint(directory, tag="engine", client_state={"step": self.step})
-        (Path(directory) / f"data_rank{self.rank}.json").write_text(json.dumps(self.stream.position()))
-
-    def load_state(self, directory: str) -> int:
-        """Restore engine state and replay the data stream to the saved position; returns the step."""
-        _, client_state = self.engine.load_checkpoint(directory, tag="engine")
-        self.step = int(client_state["step"])
-        self.stream.seek(json.loads((Path(directory) / f"data_rank{self.rank}.json").read_text()))
-        return self.step
-
-    def export_hf(self, directory: str) -> None:
-        """Collective: rank 0 writes a transformers reward-model checkpoint (loads in rewards.reward_model)."""
-        save_hf_checkpoint(self.engine.module, self.recipe.deepspeed.zero_stage, self.rank, self.tokenizer, directory)

@@ -8,7 +8,6 @@ The driver holds no model; it decides when to step, save and stop, and reports p
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -22,9 +21,10 @@ from align import checkpoint
 from align.config.loader import to_dict
 from align.config.schema import SFTRecipe
 from align.data.stream import preflight
-from align.distributed.worker_group import WorkerGroup, start_ray, worker_env
+from align.distributed.worker_group import WorkerGroup
 from align.metrics import MetricsLog, plot_curves
 from align.models.loading import load_tokenizer
+from align.trainers.learner_group import construct_learners, learner_group, resume_step
 from align.trainers.sft_learner import SFTLearner
 
 
@@ -79,33 +79,19 @@ def run_sft(recipe: SFTRecipe, resume: bool = False) -> dict[str, Any]:
     total_steps = estimate_total_steps(recipe, stats["mean_tokens"], int(stats["total_rows"]))
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
 
-    cluster = recipe.cluster
-    start_ray(cluster.ray_address, cluster.num_workers * cluster.cpus_per_worker,
-              cluster.num_workers * cluster.gpus_per_worker)
-    group = WorkerGroup("sft-learners", cluster.num_workers, cluster.cpus_per_worker, cluster.gpus_per_worker,
-                        cluster.placement, worker_env(cluster.threads_per_worker), cluster.call_timeout_s)
-    try:
+    with learner_group("sft-learners", recipe.cluster) as group:
         return _train(recipe, group, run_dir, total_steps, resume)
-    finally:
-        group.shutdown()
 
 
 def _train(recipe: SFTRecipe, group: WorkerGroup, run_dir: Path, total_steps: int, resume: bool) -> dict:
-    address, port = group.rendezvous()
+    construct_learners(group, SFTLearner, recipe, total_steps)
     world = len(group)
-    group.construct(SFTLearner, [
-        {"recipe": recipe, "rank": rank, "world_size": world, "master_addr": address, "master_port": port,
-         "total_steps": total_steps} for rank in range(world)])
     info = group.call("info")[0]
-    step = 0
-    latest = checkpoint.latest_checkpoint(run_dir / "checkpoints") if resume else None
-    if latest is not None:
-        step = group.call("load_state", str(latest))[0]
-        truncate_metrics(run_dir / "metrics.jsonl", step)
+    step = resume_step(group, run_dir, resume)
     print(f"align sft: {info['parameters'] / 1e6:.2f}M parameters ({info['trainable'] / 1e6:.2f}M trainable), "
           f"{'MoE' if info['moe'] else 'dense'}, {world} x DeepSpeed ZeRO-{recipe.deepspeed.zero_stage} on "
           f"{info['backend']}, {info['rows']} rows, {total_steps} steps" +
-          (f", resumed at step {step} from {latest}" if latest else ""))
+          (f", resumed at step {step}" if step else ""))
 
     log = MetricsLog(run_dir)
     first_loss = last = None
@@ -147,13 +133,6 @@ def _finished(recipe: SFTRecipe, step: int, total_steps: int, last: dict | None)
     if recipe.train.max_steps > 0 or last is None:
         return step >= total_steps
     return last["epoch"] >= recipe.train.epochs
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after the checkpoint a run resumes from: those steps are about to run again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
 
 
 def save_checkpoint(group: WorkerGroup, run_dir: Path, step: int, keep_last: int) -> Path:

@@ -6,10 +6,8 @@ tests and the GPU check script can use one directly.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,9 +17,9 @@ from align.config.schema import SFTRecipe
 from align.data.chat import IGNORE_INDEX
 from align.data.packing import Batch
 from align.data.stream import SFTStream
-from align.models.export import save_hf_checkpoint
 from align.models.loading import load_tokenizer
 from align.trainers import engine as ds_setup
+from align.trainers.learner_group import StreamedLearnerState
 
 
 def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -37,7 +35,7 @@ def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss / max(count, 1), count
 
 
-class SFTLearner:
+class SFTLearner(StreamedLearnerState):
     def __init__(self, recipe: SFTRecipe, rank: int, world_size: int, master_addr: str, master_port: int,
                  total_steps: int):
         torch.set_num_threads(recipe.cluster.threads_per_worker)
@@ -112,19 +110,3 @@ class SFTLearner:
             return self.engine(input_ids=input_ids.to(self.device), use_cache=False).logits.float().cpu()
         finally:
             self.engine.train()
-
-    def save_state(self, directory: str) -> None:
-        """Collective: DeepSpeed engine state (weights, optimizer, scheduler) plus this rank's data position."""
-        self.engine.save_checkpoint(directory, tag="engine", client_state={"step": self.step})
-        (Path(directory) / f"data_rank{self.rank}.json").write_text(json.dumps(self.stream.position()))
-
-    def load_state(self, directory: str) -> int:
-        """Restore engine state and replay the data stream to the saved position; returns the step."""
-        _, client_state = self.engine.load_checkpoint(directory, tag="engine")
-        self.step = int(client_state["step"])
-        self.stream.seek(json.loads((Path(directory) / f"data_rank{self.rank}.json").read_text()))
-        return self.step
-
-    def export_hf(self, directory: str) -> None:
-        """Collective: rank 0 writes a transformers checkpoint of the policy."""
-        save_hf_checkpoint(self.engine.module, self.recipe.deepspeed.zero_stage, self.rank, self.tokenizer, directory)
