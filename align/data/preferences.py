@@ -24,7 +24,7 @@ import torch
 from align.config.rm_schema import RMDataConfig
 from align.data.chat import check_messages, render_ids
 from align.data.sources import DataError, Row, count_rows, iter_rows
-from align.data.stream import shuffle_buffered
+from align.data.stream import EpochStream, shuffle_buffered
 
 
 def scored_ids(tokenizer: Any, prompt: list[dict[str, str]], response: str, max_length: int, origin: str = ""
@@ -103,42 +103,15 @@ def collate(examples: list[Example], pad_id: int) -> RMBatch:
                    [e.category for e in examples], sum(e.truncated for e in examples))
 
 
-class RMStream:
+class RMStream(EpochStream):
     """Endless micro-batches of one rank's shard (row index mod world size), reshuffled every epoch.
     Deterministic for a given (seed, epoch, rank), so `seek` replays to a saved position."""
 
     def __init__(self, config: RMDataConfig, loss: str, tokenizer: Any, rank: int, world_size: int,
                  batch_size: int):
-        self.config, self.loss, self.tokenizer = config, loss, tokenizer
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.total_rows = sum(count_rows(path) for path in config.train)
-        if self.total_rows < world_size:
-            raise DataError(f"{', '.join(config.train)}: {self.total_rows} rows cannot feed {world_size} workers")
+        super().__init__(config.train, rank, world_size)
+        self.config, self.loss, self.tokenizer, self.batch_size = config, loss, tokenizer, batch_size
         self._start_epoch(0)
-
-    @property
-    def epoch_progress(self) -> float:
-        return self.epoch + min(1.0, self.rows_read * self.world_size / self.total_rows)
-
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_served": self.batches_served}
-
-    def seek(self, position: dict[str, int]) -> None:
-        self._start_epoch(position["epoch"])
-        for _ in range(position["batches_served"]):
-            self.next_batch()
-
-    def next_batch(self) -> RMBatch:
-        batch = next(self._batches, None)
-        if batch is None:
-            self._start_epoch(self.epoch + 1)
-            batch = next(self._batches)
-        self.batches_served += 1
-        return batch
-
-    def _start_epoch(self, epoch: int) -> None:
-        self.epoch, self.rows_read, self.batches_served = epoch, 0, 0
-        self._batches = self._epoch_batches()
 
     def _epoch_batches(self) -> Iterator[RMBatch]:
         rng = random.Random(f"{self.config.seed}-{self.epoch}-{self.rank}")
@@ -151,14 +124,6 @@ class RMStream:
                 examples = []
         if examples:
             yield collate(examples, self.tokenizer.pad_token_id)
-
-    def _shard_rows(self) -> Iterator[Row]:
-        index = 0
-        for path in self.config.train:
-            for row in iter_rows(path):
-                if index % self.world_size == self.rank:
-                    yield row
-                index += 1
 
 
 def load_examples(path: str, config: RMDataConfig, loss: str, tokenizer: Any, limit: int | None = None

@@ -32,22 +32,20 @@ def shuffle_buffered(items: Iterable[T], buffer_size: int, rng: random.Random) -
     yield from buffer
 
 
-class SFTStream:
-    """Endless batches for one rank; epochs wrap around so every rank always has a next batch."""
+class EpochStream:
+    """Endless batches from one rank's shard of some files (row index mod world size), epoch after epoch,
+    deterministic for a given (seed, epoch, rank) so that `seek` replays to a saved position. Subclasses
+    make one epoch's batches in `_epoch_batches`, counting `rows_read` as rows leave the shuffle buffer."""
 
     epoch: int  # current epoch, set by _start_epoch
     rows_read: int  # rows of this rank's shard consumed (past the shuffle buffer) in the current epoch
     batches_served: int  # batches handed out in the current epoch
 
-    def __init__(self, config: SFTDataConfig, tokenizer: Any, rank: int, world_size: int, rows: int):
-        self.config = config
-        self.tokenizer = tokenizer
-        self.rank, self.world_size, self.rows = rank, world_size, rows
-        self.total_rows = sum(count_rows(path) for path in config.train)
+    def __init__(self, paths: list[str], rank: int, world_size: int):
+        self.paths, self.rank, self.world_size = paths, rank, world_size
+        self.total_rows = sum(count_rows(path) for path in paths)
         if self.total_rows < world_size:
-            raise DataError(f"{', '.join(config.train)}: {self.total_rows} rows cannot feed {world_size} workers")
-        self.counters = {"bad_rows": 0, "truncated": 0, "empty_after_truncation": 0}
-        self._start_epoch(0)
+            raise DataError(f"{', '.join(paths)}: {self.total_rows} rows cannot feed {world_size} workers")
 
     @property
     def epoch_progress(self) -> float:
@@ -67,14 +65,35 @@ class SFTStream:
         self.epoch, self.rows_read, self.batches_served = epoch, 0, 0
         self._batches = self._epoch_batches()
 
-    def next_batch(self) -> Batch:
+    def next_batch(self) -> Any:
         for _ in range(2):
             batch = next(self._batches, None)
             if batch is not None:
                 self.batches_served += 1
                 return batch
             self._start_epoch(self.epoch + 1)
-        raise DataError(f"{', '.join(self.config.train)}: no trainable samples for rank {self.rank}")
+        raise DataError(f"{', '.join(self.paths)}: no trainable samples for rank {self.rank}")
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def _shard_rows(self) -> Iterator[Row]:
+        index = 0
+        for path in self.paths:
+            for row in iter_rows(path):
+                if index % self.world_size == self.rank:
+                    yield row
+                index += 1
+
+
+class SFTStream(EpochStream):
+    """Endless batches for one rank; epochs wrap around so every rank always has a next batch."""
+
+    def __init__(self, config: SFTDataConfig, tokenizer: Any, rank: int, world_size: int, rows: int):
+        super().__init__(config.train, rank, world_size)
+        self.config, self.tokenizer, self.rows = config, tokenizer, rows
+        self.counters = {"bad_rows": 0, "truncated": 0, "empty_after_truncation": 0}
+        self._start_epoch(0)
 
     def _epoch_batches(self) -> Iterator[Batch]:
         rng = random.Random(f"{self.config.seed}-{self.epoch}-{self.rank}")
@@ -86,14 +105,6 @@ class SFTStream:
             groups = single_batches(samples, self.rows)
         pad_id = self.tokenizer.pad_token_id
         return (collate(group, self.rows, pad_id, self.config.packing) for group in groups)
-
-    def _shard_rows(self) -> Iterator[Row]:
-        index = 0
-        for path in self.config.train:
-            for row in iter_rows(path):
-                if index % self.world_size == self.rank:
-                    yield row
-                index += 1
 
     def _tokenize(self, row: Row) -> Sample | None:
         self.rows_read += 1  # counted as rows leave the shuffle buffer, so progress ignores its prefetch
