@@ -204,8 +204,7 @@ class GRPORun:
     def check_reward_failures(self, metrics: dict[str, Any]) -> None:
         """Stop when more than `max_failure_rate` of the last `window` steps' samples had no valid reward."""
         faults = self.recipe.reward_faults
-        self.missing_rewards.append((metrics["reward_missing/total"], round(metrics["completions_per_s"]
-                                                                            * metrics["step_s"])))
+        self.missing_rewards.append((metrics["reward_missing/total"], metrics["completions"]))
         missing, total = (sum(column) for column in zip(*self.missing_rewards))
         if total and missing / total > faults.max_failure_rate:
             broken = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("reward_missing/") and v}
@@ -261,7 +260,7 @@ class GRPORun:
         step_s = sum(phases.seconds.values())
         learner = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]}
         return {**learner, **phases.seconds, **extra, **sampling_metrics(sampled, values),
-                "completions_per_s": len(sampled.completions) / step_s,
+                "completions": len(sampled.completions), "completions_per_s": len(sampled.completions) / step_s,
                 "tokens_per_s": sum(len(c.token_ids) for c in sampled.completions) / step_s, "step_s": step_s}
 
     def shutdown(self) -> None:
