@@ -7,10 +7,16 @@ for the run directory (every rank writes its own DeepSpeed shard into the stagin
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -86,3 +92,47 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
+    """A run directory for a fresh run or a resumed one: refuses to start over a run unless `overwrite`
+    (which removes it) and removes leftovers of interrupted checkpoint writes."""
+    holds_run = (run_dir / "metrics.jsonl").exists()
+    if holds_run and not resume and not overwrite:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                              "output.overwrite=true to start over")
+    if holds_run and overwrite and not resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_staging(run_dir / "checkpoints")
+    return run_dir
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, numpy and torch (CPU and CUDA) generator states, as JSON-ready lists."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {"python": [version, list(words), gauss],
+                             "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+                             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_rng(directory: str | Path, rank: int) -> None:
+    (Path(directory) / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
+
+
+def load_rng(directory: str | Path, rank: int) -> None:
+    set_rng_state(json.loads((Path(directory) / f"rng_rank{rank}.json").read_text()))

@@ -1,4 +1,8 @@
-"""The `align` command: `align sft RECIPE [section.key=value ...] [--resume]`."""
+"""The `align` command: `align sft|grpo|rm RECIPE [section.key=value ...] [--resume]`, `align eval MODEL`.
+
+Exit codes: 0 done; 1 the run failed (a worker, the rewards, non-finite updates; the message says which and
+where the last checkpoint is); 2 bad recipe or data, before anything started; 128 + signal number when
+stopped by Ctrl-C (130) or SIGTERM (143) after saving a checkpoint."""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     grpo = commands.add_parser("grpo", help="GRPO reinforcement learning from a policy checkpoint")
     grpo.add_argument("recipe", help="YAML recipe (see recipes/)")
     grpo.add_argument("overrides", nargs="*", help="section.key=value changes to the recipe (anywhere on the line)")
+    grpo.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     grpo.add_argument("--check", action="store_true",
                       help="validate the recipe, prompts and rewards, name the rollout engine, then exit")
     rm = commands.add_parser("rm", help="train a reward model (pairwise or point-wise) from a causal LM")
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 return check_grpo(args.recipe, recipe)
             from align.trainers.grpo import run_grpo
 
-            run_grpo(recipe)
+            run_grpo(recipe, resume=args.resume)
             return 0
         if args.command == "rm":
             return run_rm_command(args)
@@ -79,13 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("align: interrupted", file=sys.stderr)
+        print("align: interrupted (no checkpoint written for the step in progress)", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - a worker failure is reported in one line, not a traceback
+    except Exception as err:  # noqa: BLE001 - a run failure is reported in one line, not a traceback
         from align.distributed.worker_group import WorkerError
         from align.trainers.grpo import RewardFailure
+        from align.trainers.run_control import NonFiniteUpdates, RunInterrupted
 
-        if isinstance(err, (WorkerError, RewardFailure)):
+        if isinstance(err, RunInterrupted):
+            print(f"align: {err}", file=sys.stderr)
+            return err.exit_code
+        if isinstance(err, (WorkerError, RewardFailure, NonFiniteUpdates)):
             print(f"align: error: {err}", file=sys.stderr)
             return 1
         raise

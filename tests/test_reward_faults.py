@@ -1,5 +1,6 @@
 """Faulty rewards in real Ray workers: each failure costs only its own samples, is counted and named, a hung
-or dead worker is replaced, and the run goes on; too many failures stop a GRPO run with a saved policy."""
+worker is replaced, a dead one replaced and its share scored again, and the run goes on; too many failures
+stop a GRPO run with a saved policy."""
 
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ def pool(mode: str, every: int, timeout_s: float = 30, workers: int = 2) -> Rewa
 @pytest.mark.parametrize(("mode", "message"), [
     ("raise", "ValueError: flaky reward failed on purpose"),
     ("count", "returned 1 values for 3 samples"),
-    ("die", "worker died during score"),
 ])
 def test_a_failing_call_costs_only_its_samples(ray_local, mode, message):
     rewards = pool(mode, every=2)
@@ -55,7 +55,20 @@ def test_a_failing_call_costs_only_its_samples(ray_local, mode, message):
     assert second.failed == {GOOD: 0, FLAKY: 6} and len(second.errors) == 2
     assert all(f"reward '{FLAKY}'" in e and message in e for e in second.errors), second.errors
     assert second.values[GOOD] == first.values[GOOD]  # the other reward is untouched
-    assert third.failed[FLAKY] == 0  # the run goes on: the next call (a fresh worker after "die") scores all
+    assert third.failed[FLAKY] == 0  # the run goes on
+
+
+def test_a_dead_worker_is_replaced_and_its_share_scored_again(ray_local):
+    rewards = pool("die", every=2)
+    try:
+        first, second = rewards.score(batch()), rewards.score(batch())  # call 2 kills both workers
+    finally:
+        rewards.shutdown()
+    assert first.restarts == 0 and second.restarts == 2
+    assert len(second.errors) == 2 and all("worker died during score" in e and "scoring its share again" in e
+                                           for e in second.errors), second.errors
+    # the fresh workers (their call counter back at 1) scored every sample: nothing lost
+    assert second.failed[FLAKY] == 0 and second.values[FLAKY] == second.values[GOOD] == first.values[GOOD]
 
 
 def test_nan_values_are_dropped_per_sample(ray_local):

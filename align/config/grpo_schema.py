@@ -52,6 +52,8 @@ class RolloutConfig:
                                         "gpu_memory_utilization)")
     gpu_memory_utilization: float = option(0.9, "vLLM: share of device memory the engine may take")
     enforce_eager: bool | None = option(None, "vLLM: no CUDA graphs (default: true on CPU, false on GPU)")
+    max_restarts: int = option(3, "times a dead or hung engine is replaced within one call (its share is then "
+                               "redone with the same seed) before the run stops")
 
     def vllm_options(self) -> dict:
         return {"max_model_len": self.max_model_len, "kv_cache_gib": self.kv_cache_gib,
@@ -109,6 +111,12 @@ class AlgorithmConfig:
 
 
 @dataclass
+class GRPOOutputConfig(OutputConfig):
+    log_samples: bool = option(True, "write every step's prompts (file:line), completions and rewards to "
+                               "samples.jsonl")
+
+
+@dataclass
 class GRPORecipe:
     model: ModelConfig = option(help="the policy's starting point, usually an align sft checkpoint")
     data: PromptDataConfig = option(PromptDataConfig(), "prompts")
@@ -121,7 +129,7 @@ class GRPORecipe:
     lora: LoRAConfig = option(LoRAConfig(), "LoRA adapters")
     deepspeed: DeepSpeedConfig = option(DeepSpeedConfig(), "DeepSpeed engine of the learners")
     cluster: ClusterConfig = option(ClusterConfig(), "Ray learner workers")
-    output: OutputConfig = option(OutputConfig(dir="runs/grpo"), "run directory and logging")
+    output: GRPOOutputConfig = option(GRPOOutputConfig(dir="runs/grpo"), "run directory, checkpoints, logging")
 
     def __post_init__(self) -> None:
         if not self.data.train:

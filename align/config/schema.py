@@ -57,6 +57,10 @@ class DeepSpeedConfig:
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"deepspeed.zero_stage must be 0-3, got {self.zero_stage}")
+        if self.zero_stage == 0 and self.precision == "fp32":
+            # DeepSpeed skips a step whose gradient norm is NaN/inf under ZeRO 1-3 and bf16, not in plain fp32.
+            raise ValueError("deepspeed.zero_stage 0 in fp32 has no non-finite gradient check, so a NaN would reach "
+                             "the weights; use zero_stage 1 (no extra cost on one learner) or precision bf16")
 
 
 @dataclass
@@ -110,6 +114,8 @@ class OptimConfig:
     betas: list[float] = option([0.9, 0.95], "AdamW betas")
     max_grad_norm: float = option(1.0, "gradient clipping (0 disables)")
     seed: int = option(0, "seed for dropout and other training randomness")
+    max_nonfinite_in_row: int = option(3, "stop the run after this many optimizer steps in a row were skipped "
+                                       "for a NaN/inf loss or gradient")
 
 
 @dataclass

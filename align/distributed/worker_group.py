@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -132,38 +133,52 @@ class WorkerGroup:
     def wait(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
         return self._get(refs, what)
 
+    def submit_rank(self, rank: int, method: str, *args: Any) -> ray.ObjectRef:
+        """Start `method` on one rank (e.g. to redo its share after a restart)."""
+        return self.actors[rank].call.remote(method, *args)
+
+    def pids(self) -> list[int | None]:
+        """Each rank's process id (None for a worker that is dead; it is replaced when next called)."""
+        found = self.gather([actor.pid.remote() for actor in self.actors], "pid", timeout_s=min(self.timeout_s, 60))
+        return [None if isinstance(pid, WorkerError) else pid for pid in found]
+
     def gather(self, refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None) -> list[Any]:
         """Each rank's result, or the `WorkerError` saying why there is none (failed, died, or still running
         after `timeout_s`: that rank is hung, `restart` it). Never raises for a rank's failure."""
         limit = self.timeout_s if timeout_s is None else timeout_s
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=limit)
-        results: list[Any] = []
-        for rank, ref in enumerate(refs):
-            if ref in pending:
-                results.append(WorkerError(f"{self.name} rank {rank}: {what} did not finish within {limit:.0f}s",
-                                           timed_out=True))
-                continue
-            try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayTaskError as err:
-                cause = err.cause if getattr(err, "cause", None) is not None else err
-                error = WorkerError(f"{self.name} rank {rank}: {what} failed: {type(cause).__name__}: {cause}")
-                error.__cause__ = cause
-                results.append(error)
-            except ray.exceptions.RayActorError as err:
-                results.append(WorkerError(f"{self.name} rank {rank}: worker died during {what}: {err}", hung=True))
-        return results
+        return [WorkerError(f"{self.name} rank {rank}: {what} did not finish within {limit:.0f}s", timed_out=True)
+                if ref in pending else self._outcome(rank, ref, what) for rank, ref in enumerate(refs)]
+
+    def _outcome(self, rank: int, ref: ray.ObjectRef, what: str) -> Any:
+        """The finished call's result, or a `WorkerError` naming the rank and the cause."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            cause = err.cause if getattr(err, "cause", None) is not None else err
+            error = WorkerError(f"{self.name} rank {rank}: {what} failed: {type(cause).__name__}: {cause}")
+            error.__cause__ = cause
+            return error
+        except ray.exceptions.RayActorError as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return WorkerError(f"{self.name} rank {rank}: worker died during {what} ({reason})", hung=True)
 
     def _get(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
-        results = self.gather(refs, what)
-        late = [i for i, r in enumerate(results) if isinstance(r, WorkerError) and r.timed_out]
-        if late:
-            raise WorkerError(f"{self.name}: {what} did not finish within {self.timeout_s:.0f}s on rank(s) {late}",
-                              timed_out=True)
-        for result in results:
-            if isinstance(result, WorkerError):
-                raise result
-        return results
+        """All ranks' results, raising at the first failure: the other ranks of a collective call would only
+        wait for the failed one until the timeout."""
+        deadline = time.monotonic() + self.timeout_s
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = [refs.index(ref) for ref in pending]
+                raise WorkerError(f"{self.name}: {what} did not finish within {self.timeout_s:.0f}s on rank(s) {late}",
+                                  timed_out=True)
+            for ref in ready:
+                result = self._outcome(refs.index(ref), ref, what)
+                if isinstance(result, WorkerError):
+                    raise result
+        return ray.get(refs)
 
     def shutdown(self) -> None:
         for actor in self.actors:

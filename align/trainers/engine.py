@@ -110,6 +110,15 @@ def build_engine(model: nn.Module, moe_classes: list[type[nn.Module]], ds: DeepS
     return engine
 
 
+def optimizer_metrics(engine: Any, skipped_before: int) -> dict[str, float]:
+    """lr, global grad norm and `skipped_updates`: optimizer steps since `skipped_before` (the engine's
+    `skipped_steps` then) that DeepSpeed skipped because the gradient norm was NaN/inf (weights, optimizer
+    and lr schedule unchanged; reported grad norm inf)."""
+    grad_norm = engine.get_global_grad_norm()
+    return {"lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "skipped_updates": engine.skipped_steps - skipped_before}
+
+
 def router_logits(outputs: Any) -> tuple[torch.Tensor, ...]:
     """The per-layer router logits of a forward pass run with `output_router_logits=True`."""
     logits = getattr(outputs, "router_logits", None)

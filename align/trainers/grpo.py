@@ -15,11 +15,11 @@ Each phase is one call on a Ray actor group and is timed. The driver holds no mo
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,16 @@ from align import checkpoint
 from align.config.grpo_schema import GRPORecipe
 from align.config.loader import to_dict
 from align.data.prompts import Prompt, PromptSampler, load_prompts
-from align.distributed.worker_group import WorkerGroup, start_ray, worker_env
-from align.metrics import MetricsLog, plot_curves
+from align.distributed.worker_group import WorkerError, WorkerGroup, start_ray, worker_env
+from align.metrics import JsonlLog, MetricsLog, plot_curves
 from align.models.loading import load_tokenizer
 from align.rl.advantages import group_advantages, handle_truncated, select_informative_groups, zero_std_groups
 from align.trainers.grpo_learner import GRPOLearner
+from align.trainers.learner_group import export_model, save_checkpoint, truncate_metrics
 from align.trainers.reward_pool import RewardPool
 from align.trainers.rollout_batch import ScoredGroups, fill_batch, rollout_tensors, split_shards
+from align.trainers.rollout_pool import PendingRollout, RolloutPool
+from align.trainers.run_control import RunControl
 from rewards.base import Sample
 from rewards.combine import combine_rewards
 from rewards.registry import build, score
@@ -81,17 +84,12 @@ def sampling_metrics(sampled: ScoredGroups, values: dict[str, list[float | None]
             "truncated": 1 - sum(c.finished for c in sampled.completions) / len(sampled.completions)}
 
 
-@dataclass
-class PendingRollout:
-    prompts: list[Prompt]
-    chunks: list[list[int]]  # prompt indices per engine
-    refs: list[Any]  # one Ray reference per engine
-
-
 class GRPORun:
     def __init__(self, recipe: GRPORecipe):
         self.recipe = recipe
-        self.pending: PendingRollout | None = None
+        self.pending: PendingRollout | None = None  # overlap: the next step's rollout, already started
+        self.pending_position = 0  # the sampler's position before the pending rollout drew its prompts
+        self.heldout_before: float | None = None
         self.tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
         data = recipe.data
         self.sampler = PromptSampler(
@@ -117,6 +115,8 @@ class GRPORun:
                                    colocate_with=self.learners if self.colocated else None)
         self.rewards = RewardPool(recipe.rewards, cluster.placement, worker_env(1))
         self.missing_rewards: deque[tuple[int, int]] = deque(maxlen=recipe.reward_faults.window)
+        self.control = RunControl("align grpo", recipe.train.max_nonfinite_in_row)
+        self.reward_restarts = 0
         address, port = self.learners.rendezvous()
         world = cluster.num_workers
         self.learners.construct(GRPOLearner, [
@@ -126,36 +126,17 @@ class GRPORun:
         self.engines.construct(make_engine, [{"model_config": recipe.model, "engine": self.engine_kind,
                                               "threads": rollout.threads_per_worker, **rollout.vllm_options()}]
                                * rollout.num_workers)
+        self.rollout = RolloutPool(self.engines, rollout.max_restarts)
         self.sync_weights()
 
     def sync_weights(self) -> None:
         """Learners gather the policy (collective); rank 0's copy goes to every engine via the object store."""
         state_refs = self.learners.submit("policy_state")
-        self.engines.wait(self.engines.submit("update_weights", state_refs[0]), "update_weights")
+        self.rollout.push_weights(state_refs[0])
         self.learners.wait(state_refs, "policy_state")
 
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig) -> list[Completion]:
-        return self.collect(self.submit_generate(prompts, sampling))
-
-    def submit_generate(self, prompts: list[Prompt], sampling: SamplingConfig) -> PendingRollout:
-        """Start sampling: prompts split evenly over the engines, each with its own seed (returns at once)."""
-        engines = len(self.engines)
-        chunks = [list(range(len(prompts)))[i::engines] for i in range(engines)]
-        refs = self.engines.submit_each("generate", [
-            ([prompts[i].token_ids for i in chunk], dataclasses.replace(sampling, seed=sampling.seed + e * 10**12))
-            for e, chunk in enumerate(chunks)])
-        return PendingRollout(prompts, chunks, refs)
-
-    def collect(self, pending: PendingRollout) -> list[Completion]:
-        """Wait for a started rollout; completions come back in prompt order."""
-        results = self.engines.wait(pending.refs, "generate")
-        chunks = pending.chunks
-        by_prompt: dict[int, list[Completion]] = {}
-        for chunk, result in zip(chunks, results):
-            for completion in result:
-                completion.prompt_index = chunk[completion.prompt_index]
-                by_prompt.setdefault(completion.prompt_index, []).append(completion)
-        return [completion for index in range(len(pending.prompts)) for completion in by_prompt[index]]
+        return self.rollout.generate(prompts, sampling)
 
     def heldout_accuracy(self, max_new_tokens: int) -> float | None:
         """Mean `data.heldout_reward` of greedy completions of the held-out prompts (scored in the driver;
@@ -177,14 +158,14 @@ class GRPORun:
         sampling = SamplingConfig(n=algo.group_size, max_new_tokens=recipe.rollout.max_new_tokens,
                                   temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p,
                                   seed=algo.seed * 1_000_003 + step + refill * 1_000_000_007)
-        return self.submit_generate(self.sampler.next(algo.prompts_per_step), sampling)
+        return self.rollout.submit(self.sampler.next(algo.prompts_per_step), sampling)
 
     def sample(self, pending: PendingRollout, phases: Phases) -> tuple[ScoredGroups, dict[str, list[float | None]]]:
         """Wait for a started rollout and score it: r = sum_k c_k R_k, NaN where a reward failed (unless the
         recipe gives a fallback); truncated outputs follow the recipe's rule."""
         recipe, algo = self.recipe, self.recipe.algorithm
         with phases("rollout"):
-            completions = self.collect(pending)
+            completions = self.rollout.collect(pending)
         with phases("rewards"):
             texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
             prompts = pending.prompts
@@ -192,6 +173,7 @@ class GRPORun:
                                                 len(c.token_ids)) for c, text in zip(completions, texts)])
             for error in scored.errors:
                 tqdm.write(f"align grpo: {error}", file=sys.stderr)
+            self.reward_restarts += scored.restarts
             rewards, _ = combine_rewards(scored.values, {spec.name: spec.weight for spec in recipe.rewards},
                                          recipe.reward_faults.fallback)
             truncated = torch.tensor([not c.finished for c in completions])
@@ -234,6 +216,7 @@ class GRPORun:
         if algo.overlap_rollout and step + 1 < algo.steps:
             # The engines sample the next batch with the current weights while the learners update on this
             # one; the weight sync below queues behind that sampling, so each batch is one update stale.
+            self.pending_position = self.sampler.position
             self.pending = self.submit_rollout(step + 1)
         sampled, extra = batch, {}
         if algo.dynamic_sampling:
@@ -249,19 +232,78 @@ class GRPORun:
             shards = split_shards(input_ids, mask, rollout_logp, advantages, len(self.learners))
         with phases("update"):
             if self.colocated:  # free the shared device for the update (vLLM sleep mode on GPU)
-                self.engines.call("sleep")
+                self.rollout.call("sleep")
             per_rank = self.learners.call_each("update", [(shard,) for shard in shards])
         with phases("sync"):
             if self.colocated:
-                self.engines.call("wake_up")
+                self.rollout.call("wake_up")
             self.sync_weights()
             if algo.reference_reset_every and (step + 1) % algo.reference_reset_every == 0:
                 self.learners.call("reset_reference")
         step_s = sum(phases.seconds.values())
         learner = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]}
+        self.last_sampled = sampled
         return {**learner, **phases.seconds, **extra, **sampling_metrics(sampled, values),
                 "completions": len(sampled.completions), "completions_per_s": len(sampled.completions) / step_s,
-                "tokens_per_s": sum(len(c.token_ids) for c in sampled.completions) / step_s, "step_s": step_s}
+                "tokens_per_s": sum(len(c.token_ids) for c in sampled.completions) / step_s, "step_s": step_s,
+                "faults/engine_restarts": self.rollout.restarts, "faults/reward_restarts": self.reward_restarts}
+
+    def samples_record(self) -> dict[str, Any]:
+        """What the last step sampled, for samples.jsonl: per group its prompt (file:line), completions and
+        rewards (refills included, in sampling order)."""
+        sampled, group = self.last_sampled, self.recipe.algorithm.group_size
+        texts = self.tokenizer.batch_decode([c.token_ids for c in sampled.completions], skip_special_tokens=True)
+        rewards = sampled.rewards.flatten().tolist()
+        return {"groups": [{"prompt": prompt.origin, "completions": texts[i * group:(i + 1) * group],
+                            "rewards": rewards[i * group:(i + 1) * group]}
+                           for i, prompt in enumerate(sampled.prompts)]}
+
+    def state(self, step: int) -> dict[str, Any]:
+        """The driver's part of a checkpoint after `step` steps (JSON). An overlapped run's next rollout,
+        sampled by the weights before the last update, is collected and kept, so a resume trains on it."""
+        pending = None
+        if self.pending is not None:
+            pending = {"sampler_position": self.pending_position,
+                       "completions": [dataclasses.asdict(c) for c in self.rollout.collect(self.pending)]}
+        return {"step": step, "sampler_position": self.sampler.position, "pending": pending,
+                "missing_rewards": list(self.missing_rewards), "nonfinite": self.control.guard.state(),
+                "heldout_before": self.heldout_before, "rng": checkpoint.rng_state(),
+                "restarts": {"engine": self.rollout.restarts, "reward": self.reward_restarts}}
+
+    def resume(self, directory: Path) -> int:
+        """Load a checkpoint into the learners and the driver and push its weights to the engines; returns
+        the step it was taken after."""
+        self.learners.call("load_state", str(directory))
+        self.sync_weights()
+        state = json.loads((directory / "driver.json").read_text())
+        if state["pending"] is not None:
+            self.sampler.position = state["pending"]["sampler_position"]
+            prompts = self.sampler.next(self.recipe.algorithm.prompts_per_step)
+            self.pending = PendingRollout(prompts, [], [], [],
+                                          done=[Completion(**c) for c in state["pending"]["completions"]])
+        self.sampler.position = state["sampler_position"]
+        self.missing_rewards.extend(tuple(entry) for entry in state["missing_rewards"])
+        self.control.guard.load(state["nonfinite"])
+        self.heldout_before = state["heldout_before"]
+        self.rollout.restarts, self.reward_restarts = state["restarts"]["engine"], state["restarts"]["reward"]
+        checkpoint.set_rng_state(state["rng"])
+        return state["step"]
+
+    def save(self, run_dir: Path, step: int) -> Path:
+        """An atomic checkpoint after `step` steps: learners' DeepSpeed state and generators plus the driver's."""
+        def driver_state(staging: Path) -> None:
+            (staging / "driver.json").write_text(json.dumps(self.state(step)))
+
+        return save_checkpoint(self.learners, run_dir, step, self.recipe.output.keep_last, driver_state)
+
+    def write_workers(self, run_dir: Path) -> None:
+        """run_dir/workers.json: the process id of every worker by group and rank (for operators and the
+        fault-injection script), rewritten after a restart."""
+        groups = [self.learners, self.engines, *self.rewards.groups]
+        workers = {group.name: group.pids() for group in groups}
+        staging = run_dir / ".workers.json.tmp"
+        staging.write_text(json.dumps(workers, indent=1))
+        staging.replace(run_dir / "workers.json")
 
     def shutdown(self) -> None:
         self.learners.shutdown()
@@ -269,46 +311,73 @@ class GRPORun:
         self.rewards.shutdown()
 
 
-def run_grpo(recipe: GRPORecipe) -> dict[str, Any]:
-    run_dir = Path(recipe.output.dir)
-    if (run_dir / "metrics.jsonl").exists() and not recipe.output.overwrite:
-        raise FileExistsError(f"{run_dir} already holds a run; set output.overwrite=true to start over")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+def run_grpo(recipe: GRPORecipe, resume: bool = False) -> dict[str, Any]:
+    run_dir = checkpoint.prepare_run_dir(Path(recipe.output.dir), resume, recipe.output.overwrite)
+    latest = checkpoint.latest_checkpoint(run_dir / "checkpoints") if resume else None
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
     run = GRPORun(recipe)
-    print(f"align grpo: {len(run.learners)} learner(s), {len(run.engines)} {run.engine_kind} rollout engine(s)")
-    log = MetricsLog(run_dir)
     try:
-        max_new = recipe.rollout.max_new_tokens
-        before = run.heldout_accuracy(max_new)
-        bar = tqdm(range(recipe.algorithm.steps), desc="grpo", unit="step", dynamic_ncols=True)
+        with run.control:
+            return _train(run, run_dir, latest)
+    finally:
+        run.shutdown()
+
+
+def _train(run: GRPORun, run_dir: Path, latest: Path | None) -> dict[str, Any]:
+    recipe, steps = run.recipe, run.recipe.algorithm.steps
+    start = run.resume(latest) if latest else 0
+    for log_file in ("metrics.jsonl", "samples.jsonl"):
+        truncate_metrics(run_dir / log_file, start)
+    print(f"align grpo: {len(run.learners)} learner(s), {len(run.engines)} {run.engine_kind} rollout engine(s)"
+          + (f", resumed at step {start} from {latest}" if latest else ""))
+    run.write_workers(run_dir)
+    max_new = recipe.rollout.max_new_tokens
+    if not latest:
+        run.heldout_before = run.heldout_accuracy(max_new)
+    log, samples = MetricsLog(run_dir), JsonlLog(run_dir / "samples.jsonl") if recipe.output.log_samples else None
+    saved, restarts = latest, 0
+    bar = tqdm(range(start, steps), desc="grpo", unit="step", dynamic_ncols=True, initial=start, total=steps)
+    try:
         for step in bar:
-            metrics = run.step(step)
-            log.log(step + 1, metrics)
+            try:
+                metrics = run.step(step)
+            except WorkerError as err:
+                raise WorkerError(f"{err}; the run stopped in step {step + 1}; latest checkpoint: {saved or 'none'}"
+                                  + (" (continue with --resume)" if saved else "")) from err
+            done = step + 1
+            log.log(done, metrics)
+            if samples is not None:
+                samples.write({"step": done, **run.samples_record()})
+            if metrics["faults/engine_restarts"] + metrics["faults/reward_restarts"] != restarts:
+                restarts = metrics["faults/engine_restarts"] + metrics["faults/reward_restarts"]
+                run.write_workers(run_dir)
+            ending = run.control.ending(done, metrics["skipped_updates"])
             try:
                 run.check_reward_failures(metrics)
-            except RewardFailure:
-                staging = checkpoint.staging_dir(run_dir, "stopped")
-                run.learners.call("export_hf", str(staging))
-                checkpoint.commit(staging, run_dir / "stopped")
-                raise
+            except RewardFailure as err:
+                saved = run.save(run_dir, done)
+                export_model(run.learners, run_dir, "stopped")
+                raise RewardFailure(f"{err}; checkpoint: {saved}; policy: {run_dir / 'stopped'}") from err
+            if (recipe.output.save_every and done % recipe.output.save_every == 0) or ending or done == steps:
+                saved = run.save(run_dir, done)
+            if ending:
+                raise run.control.error(saved)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}",
                             c_s=f"{metrics['completions_per_s']:.1f}")
         after = run.heldout_accuracy(max_new)
-        staging = checkpoint.staging_dir(run_dir, "final")
-        run.learners.call("export_hf", str(staging))
-        final = checkpoint.commit(staging, run_dir / "final")
+        final = export_model(run.learners, run_dir)
     finally:
+        bar.close()
         log.close()
-        run.shutdown()
+        if samples is not None:
+            samples.close()
     plot = plot_curves(run_dir / "metrics.jsonl", ["reward/mean", "policy_loss", "kl", "completion_length"],
                        run_dir / "curves.png", f"align grpo: {run_dir.name}")
+    before = run.heldout_before
     summary = {"engine": run.engine_kind, "heldout_before": before, "heldout_after": after, "plot": str(plot),
-               "model": str(final), "run_dir": str(run_dir)}
+               "model": str(final), "checkpoint": str(saved), "run_dir": str(run_dir)}
     if before is not None:
         print(f"align grpo: held-out {recipe.data.heldout_reward} {before:.1%} -> {after:.1%} "
-              f"({len(run.heldout)} problems); "
-              f"curves: {plot}")
-    print(f"align grpo: done, {recipe.algorithm.steps} steps; model: {final}")
+              f"({len(run.heldout)} problems); curves: {plot}")
+    print(f"align grpo: done, {steps} steps; model: {final}; checkpoint: {saved}")
     return summary

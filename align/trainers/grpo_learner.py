@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from align import checkpoint
 from align.config.grpo_schema import GRPORecipe
 from align.models.export import full_state_dict, gathered, save_hf_checkpoint
 from align.models.loading import build_model, load_tokenizer
@@ -54,13 +57,14 @@ class GRPOLearner:
         self.engine, self.moe_classes = ds_setup.build_policy_engine(
             recipe.model, recipe.lora, recipe.deepspeed, recipe.train, world_size, recipe.algorithm.steps, tokenizer)
         self.model_config = self.engine.module.config
-        # The reference is a frozen copy of the starting policy, outside DeepSpeed (beta 0: none at all).
-        self.reference = build_model(recipe.model, tokenizer).eval().requires_grad_(False) \
-            if recipe.algorithm.kl_coef > 0 else None
         self.device = self.engine.device
         self.temperature = recipe.rollout.temperature if recipe.rollout.temperature > 0 else 1.0
-        if self.reference is not None:
-            self.reference.to(self.device)
+        # The reference is a frozen copy of the starting policy, outside DeepSpeed (beta 0: none at all),
+        # taken from the engine's weights so that every rank holds the same one even for a preset's random init.
+        self.reference = None
+        if recipe.algorithm.kl_coef > 0:
+            self.reference = build_model(recipe.model, tokenizer).eval().requires_grad_(False).to(self.device)
+            self.reset_reference()
 
     def policy_state(self, all_ranks: bool = False) -> dict[str, torch.Tensor] | None:
         """Collective: the full policy weights (LoRA merged), on rank 0 only unless `all_ranks`."""
@@ -85,10 +89,26 @@ class GRPOLearner:
         save_hf_checkpoint(self.engine.module, self.recipe.deepspeed.zero_stage, self.rank, self.tokenizer, directory)
 
     def reset_reference(self) -> None:
-        """Iterative RL: the reference becomes the current policy."""
+        """Iterative RL (and at the start): the reference becomes the current policy."""
         state = self.policy_state(all_ranks=True)
         if self.reference is not None:
             self.reference.load_state_dict(state)
+
+    def save_state(self, directory: str) -> None:
+        """Collective: DeepSpeed engine state (weights, optimizer, lr schedule), this rank's random generators,
+        and the reference when the run resets it (otherwise it is rebuilt from the starting policy)."""
+        self.engine.save_checkpoint(directory, tag="engine")
+        checkpoint.save_rng(directory, self.rank)
+        if self.reference is not None and self.recipe.algorithm.reference_reset_every and self.rank == 0:
+            save_file({k: v.contiguous() for k, v in self.reference.state_dict().items()},
+                      str(Path(directory) / "reference.safetensors"))
+
+    def load_state(self, directory: str) -> None:
+        self.engine.load_checkpoint(directory, tag="engine")
+        checkpoint.load_rng(directory, self.rank)
+        saved = Path(directory) / "reference.safetensors"
+        if self.reference is not None and saved.exists():  # else it is still the starting policy built above
+            self.reference.load_state_dict(load_file(str(saved), device=str(self.device)))
 
     @torch.no_grad()
     def _logprobs(self, model: Any, input_ids: torch.Tensor) -> torch.Tensor:
@@ -96,7 +116,7 @@ class GRPOLearner:
 
     def update(self, shard: RolloutShard) -> dict[str, float]:
         """`updates_per_batch` optimizer steps on this shard; returns loss, KL, clip and timing metrics."""
-        started = time.perf_counter()
+        started, skipped = time.perf_counter(), self.engine.skipped_steps
         algo, micro = self.recipe.algorithm, self.recipe.train.micro_batch_size
         rows = shard.input_ids.shape[0]
         slices = [slice(i, i + micro) for i in range(0, rows, micro)]
@@ -139,9 +159,7 @@ class GRPOLearner:
                     sums[key] = sums.get(key, 0.0) + value
         passes = algo.updates_per_batch * len(slices)
         result = {key: value / passes for key, value in sums.items()}
-        grad_norm = self.engine.get_global_grad_norm()
-        result.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                      lr=self.engine.get_lr()[0], update_s=time.perf_counter() - started)
+        result.update(**ds_setup.optimizer_metrics(self.engine, skipped), update_s=time.perf_counter() - started)
         return result
 
     def _share(self, mask: torch.Tensor, shard: RolloutShard, micro_batches: int) -> float:

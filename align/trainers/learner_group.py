@@ -1,9 +1,10 @@
-"""What every data-streaming trainer (`align sft`, `align rm`) does around its learners: start them as a
-Ray actor group, build one learner per rank, and resume from the run's latest checkpoint."""
+"""What every trainer does around its learners: start them as a Ray actor group, build one learner per
+rank, save atomic checkpoints, resume from the run's latest one and export the model."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,40 @@ def resume_step(group: WorkerGroup, run_dir: Path, resume: bool) -> int:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records of steps <= `step` (a resumed run re-logs the later ones)."""
+    """Keep only the records of steps <= `step` (a resumed run re-logs the later ones); a last line cut
+    short by a kill is dropped."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
     path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def save_checkpoint(group: WorkerGroup, run_dir: Path, step: int, keep_last: int,
+                    driver_state: Callable[[Path], None] | None = None) -> Path:
+    """Every rank (and, with `driver_state`, the driver) writes into one staging directory, which is then
+    renamed into place: a kill at any moment leaves the previous checkpoint whole."""
+    root = run_dir / "checkpoints"
+    name = checkpoint.step_name(step)
+    staging = checkpoint.staging_dir(root, name)
+    group.call("save_state", str(staging))
+    if driver_state is not None:
+        driver_state(staging)
+    final = checkpoint.commit(staging, root / name)
+    checkpoint.prune(root, keep_last)
+    return final
+
+
+def export_model(group: WorkerGroup, run_dir: Path, name: str = "final") -> Path:
+    """Rank 0 writes a transformers checkpoint of the model to `run_dir/name` (atomically)."""
+    staging = checkpoint.staging_dir(run_dir, name)
+    group.call("export_hf", str(staging))
+    return checkpoint.commit(staging, run_dir / name)
 
 
 class StreamedLearnerState:
@@ -67,15 +97,18 @@ class StreamedLearnerState:
     tokenizer: Any
 
     def save_state(self, directory: str) -> None:
-        """Collective: DeepSpeed engine state (weights, optimizer, scheduler) plus this rank's data position."""
+        """Collective: DeepSpeed engine state (weights, optimizer, scheduler), this rank's data position and
+        random generators."""
         self.engine.save_checkpoint(directory, tag="engine", client_state={"step": self.step})
         (Path(directory) / f"data_rank{self.rank}.json").write_text(json.dumps(self.stream.position()))
+        checkpoint.save_rng(directory, self.rank)
 
     def load_state(self, directory: str) -> int:
-        """Restore engine state and replay the data stream to the saved position; returns the step."""
+        """Restore engine state and generators, replay the data stream to the saved position; returns the step."""
         _, client_state = self.engine.load_checkpoint(directory, tag="engine")
         self.step = int(client_state["step"])
         self.stream.seek(json.loads((Path(directory) / f"data_rank{self.rank}.json").read_text()))
+        checkpoint.load_rng(directory, self.rank)
         return self.step
 
     def export_hf(self, directory: str) -> None:

@@ -1,9 +1,10 @@
 """The recipe's rewards in Ray worker groups: every reward scores the batch at the same time, each split
 over its own workers, each call bounded by the reward's timeout.
 
-A reward that raises, hangs past its timeout, dies, or returns the wrong count or NaN/inf costs only the
-samples of that call: they get no value (the recipe's fallback decides what that means), the event is
-counted per reward and described in `errors`, a hung or dead worker is replaced, and the run goes on.
+A worker that dies (killed, out of memory) is replaced and its share scored again by the new one, so no
+sample is lost. A reward that raises, hangs past its timeout, or returns the wrong count or NaN/inf
+costs only the samples of that call: they get no value (the recipe's fallback decides what that means),
+the event is counted per reward and described in `errors`, a hung worker is replaced, and the run goes on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class RewardValues:
     values: dict[str, list[float | None]]  # reward name -> one value per sample, None where missing
     failed: dict[str, int] = field(default_factory=dict)  # reward name -> samples without a value
     errors: list[str] = field(default_factory=list)  # one line per failed call, naming reward and cause
+    restarts: int = 0  # workers replaced during this batch
 
 
 class RewardPool:
@@ -46,10 +48,17 @@ class RewardPool:
             column: list[float | None] = [None] * len(samples)
             remaining = max(0.0, spec.timeout_s - (time.monotonic() - started))
             for rank, (chunk, outcome) in enumerate(zip(chunks, group.gather(refs, "score", remaining))):
+                if isinstance(outcome, WorkerError) and outcome.hung and not outcome.timed_out:  # died: redo
+                    result.errors.append(f"reward {spec.name!r}: {outcome}; restarted, scoring its share again")
+                    group.restart(rank)
+                    result.restarts += 1
+                    retry = group.submit_rank(rank, "score", [samples[i] for i in chunk])
+                    outcome = group.gather([retry], "score (after a restart)", spec.timeout_s)[0]
                 if isinstance(outcome, WorkerError):
                     result.errors.append(f"reward {spec.name!r}: {outcome}")
                     if outcome.hung:
                         group.restart(rank)
+                        result.restarts += 1
                     continue
                 for index, value in zip(chunk, outcome.values):
                     column[index] = value

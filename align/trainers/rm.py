@@ -19,6 +19,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from align import checkpoint
 from align.config.loader import to_dict
 from align.config.rm_schema import RMRecipe
 from align.data.preferences import preflight
@@ -26,9 +27,16 @@ from align.distributed.worker_group import WorkerGroup
 from align.metrics import MetricsLog, plot_curves
 from align.models.loading import load_tokenizer
 from align.rl.rm_losses import pair_metrics, pairwise_loss, pointwise_bce, pointwise_metrics, pointwise_mse
-from align.trainers.learner_group import construct_learners, learner_group, resume_step
+from align.trainers.learner_group import (
+    construct_learners,
+    export_model,
+    learner_group,
+    resume_step,
+    save_checkpoint,
+)
 from align.trainers.rm_learner import RMLearner
-from align.trainers.sft import export_model, prepare_run_dir, reduce_metrics, save_checkpoint
+from align.trainers.run_control import RunControl
+from align.trainers.sft import reduce_metrics
 
 
 def total_steps_for(recipe: RMRecipe, total_rows: int) -> int:
@@ -79,7 +87,7 @@ def describe_heldout(after: dict[str, float], before: dict[str, float] | None = 
 
 
 def run_rm(recipe: RMRecipe, resume: bool = False) -> dict[str, Any]:
-    run_dir = prepare_run_dir(recipe, resume)
+    run_dir = checkpoint.prepare_run_dir(Path(recipe.output.dir), resume, recipe.output.overwrite)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
     stats = preflight(recipe.data, recipe.train.loss, tokenizer)
     total_steps = total_steps_for(recipe, int(stats["total_rows"]))
@@ -112,24 +120,28 @@ def _train(recipe: RMRecipe, group: WorkerGroup, run_dir: Path, total_steps: int
     train_seconds = 0.0
     bar = tqdm(total=total_steps, initial=step, desc="rm", unit="step", dynamic_ncols=True)
     try:
-        while step < total_steps:
-            started = time.perf_counter()
-            last = reduce_metrics(group.call("train_step"), time.perf_counter() - started)
-            step += 1
-            train_seconds += last["step_s"]
-            first = first or last
-            if recipe.train.eval_every and step % recipe.train.eval_every == 0 and step < total_steps:
-                last.update(evaluate())
-            if step % recipe.output.log_every == 0:
-                log.log(step, last)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['rm_loss']:.3f}", acc=f"{last.get('accuracy', math.nan):.2f}",
-                            epoch=f"{last['epoch']:.2f}")
-            if recipe.output.save_every and step % recipe.output.save_every == 0:
-                save_checkpoint(group, run_dir, step, recipe.output.keep_last)
-        after = evaluate()
-        if after:
-            log.log(step, after)
+        with RunControl("align rm", recipe.train.max_nonfinite_in_row) as control:
+            while step < total_steps:
+                started = time.perf_counter()
+                last = reduce_metrics(group.call("train_step"), time.perf_counter() - started)
+                step += 1
+                train_seconds += last["step_s"]
+                first = first or last
+                if recipe.train.eval_every and step % recipe.train.eval_every == 0 and step < total_steps:
+                    last.update(evaluate())
+                if step % recipe.output.log_every == 0:
+                    log.log(step, last)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['rm_loss']:.3f}", acc=f"{last.get('accuracy', math.nan):.2f}",
+                                epoch=f"{last['epoch']:.2f}")
+                ending = control.ending(step, last["skipped_updates"])
+                if (recipe.output.save_every and step % recipe.output.save_every == 0) or ending:
+                    saved = save_checkpoint(group, run_dir, step, recipe.output.keep_last)
+                if ending:
+                    raise control.error(saved)
+            after = evaluate()
+            if after:
+                log.log(step, after)
     finally:
         bar.close()
         log.close()

@@ -100,7 +100,7 @@ class RMLearner(StreamedLearnerState):
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: grad_accum micro-batches of forward + backward, then the update."""
-        started = time.perf_counter()
+        started, skipped = time.perf_counter(), self.engine.skipped_steps
         sums: dict[str, float] = {"tokens": 0, "samples": 0, "data/truncated": 0}
         for _ in range(self.recipe.train.grad_accum):
             batch = self.stream.next_batch()
@@ -116,9 +116,8 @@ class RMLearner(StreamedLearnerState):
         accum = self.recipe.train.grad_accum
         counts = ("tokens", "samples", "data/truncated")
         metrics = {key: (value if key in counts else value / accum) for key, value in sums.items()}
-        grad_norm = self.engine.get_global_grad_norm()
-        metrics.update(lr=self.engine.get_lr()[0], grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-                       epoch=self.stream.epoch_progress, compute_s=time.perf_counter() - started)
+        metrics.update(**ds_setup.optimizer_metrics(self.engine, skipped), epoch=self.stream.epoch_progress,
+                       compute_s=time.perf_counter() - started)
         return metrics
 
     @torch.no_grad()

@@ -9,7 +9,6 @@ The driver holds no model; it decides when to step, save and stop, and reports p
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,14 @@ from align.data.stream import preflight
 from align.distributed.worker_group import WorkerGroup
 from align.metrics import MetricsLog, plot_curves
 from align.models.loading import load_tokenizer
-from align.trainers.learner_group import construct_learners, learner_group, resume_step
+from align.trainers.learner_group import (
+    construct_learners,
+    export_model,
+    learner_group,
+    resume_step,
+    save_checkpoint,
+)
+from align.trainers.run_control import RunControl
 from align.trainers.sft_learner import SFTLearner
 
 
@@ -59,21 +65,8 @@ def reduce_metrics(per_rank: list[dict[str, float]], seconds: float) -> dict[str
     return merged
 
 
-def prepare_run_dir(recipe: SFTRecipe, resume: bool) -> Path:
-    run_dir = Path(recipe.output.dir)
-    holds_run = (run_dir / "metrics.jsonl").exists()
-    if holds_run and not resume and not recipe.output.overwrite:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or "
-                              "output.overwrite=true to start over")
-    if holds_run and recipe.output.overwrite and not resume:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.clean_staging(run_dir / "checkpoints")
-    return run_dir
-
-
 def run_sft(recipe: SFTRecipe, resume: bool = False) -> dict[str, Any]:
-    run_dir = prepare_run_dir(recipe, resume)
+    run_dir = checkpoint.prepare_run_dir(Path(recipe.output.dir), resume, recipe.output.overwrite)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
     stats = preflight(recipe.data, tokenizer)
     total_steps = estimate_total_steps(recipe, stats["mean_tokens"], int(stats["total_rows"]))
@@ -98,20 +91,24 @@ def _train(recipe: SFTRecipe, group: WorkerGroup, run_dir: Path, total_steps: in
     tokens_seen, train_seconds = 0, 0.0
     bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True)
     try:
-        while not _finished(recipe, step, total_steps, last):
-            step_started = time.perf_counter()
-            last = reduce_metrics(group.call("train_step"), time.perf_counter() - step_started)
-            step += 1
-            tokens_seen += last["tokens"]
-            train_seconds += last["step_s"]
-            first_loss = last["lm_loss"] if first_loss is None else first_loss
-            if step % recipe.output.log_every == 0:
-                log.log(step, last)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                            epoch=f"{last['epoch']:.2f}")
-            if recipe.output.save_every and step % recipe.output.save_every == 0:
-                save_checkpoint(group, run_dir, step, recipe.output.keep_last)
+        with RunControl("align sft", recipe.train.max_nonfinite_in_row) as control:
+            while not _finished(recipe, step, total_steps, last):
+                step_started = time.perf_counter()
+                last = reduce_metrics(group.call("train_step"), time.perf_counter() - step_started)
+                step += 1
+                tokens_seen += last["tokens"]
+                train_seconds += last["step_s"]
+                first_loss = last["lm_loss"] if first_loss is None else first_loss
+                if step % recipe.output.log_every == 0:
+                    log.log(step, last)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                epoch=f"{last['epoch']:.2f}")
+                ending = control.ending(step, last["skipped_updates"])
+                if (recipe.output.save_every and step % recipe.output.save_every == 0) or ending:
+                    saved = save_checkpoint(group, run_dir, step, recipe.output.keep_last)
+                if ending:
+                    raise control.error(saved)
     finally:
         bar.close()
         log.close()
@@ -133,20 +130,3 @@ def _finished(recipe: SFTRecipe, step: int, total_steps: int, last: dict | None)
     if recipe.train.max_steps > 0 or last is None:
         return step >= total_steps
     return last["epoch"] >= recipe.train.epochs
-
-
-def save_checkpoint(group: WorkerGroup, run_dir: Path, step: int, keep_last: int) -> Path:
-    """Every rank writes into one staging directory, which is then renamed into place."""
-    root = run_dir / "checkpoints"
-    name = checkpoint.step_name(step)
-    staging = checkpoint.staging_dir(root, name)
-    group.call("save_state", str(staging))
-    final = checkpoint.commit(staging, root / name)
-    checkpoint.prune(root, keep_last)
-    return final
-
-
-def export_model(group: WorkerGroup, run_dir: Path) -> Path:
-    staging = checkpoint.staging_dir(run_dir, "final")
-    group.call("export_hf", str(staging))
-    return checkpoint.commit(staging, run_dir / "final")

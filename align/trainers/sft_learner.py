@@ -6,7 +6,6 @@ tests and the GPU check script can use one directly.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -60,7 +59,7 @@ class SFTLearner(StreamedLearnerState):
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: grad_accum micro-batches of forward + backward, then the update."""
-        started = time.perf_counter()
+        started, skipped = time.perf_counter(), self.engine.skipped_steps
         sums = {"loss": 0.0, "lm_loss": 0.0, "balance_loss": 0.0, "tokens": 0, "target_tokens": 0, "samples": 0}
         for _ in range(self.recipe.train.grad_accum):
             batch = self.stream.next_batch()
@@ -75,11 +74,9 @@ class SFTLearner(StreamedLearnerState):
         self.step += 1
         accum = self.recipe.train.grad_accum
         metrics = {key: (value / accum if "loss" in key else value) for key, value in sums.items()}
-        grad_norm = self.engine.get_global_grad_norm()
         metrics.update(
-            lr=self.engine.get_lr()[0], grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-            epoch=self.stream.epoch_progress, compute_s=time.perf_counter() - started,
-            **{f"data/{k}": v for k, v in self.stream.counters.items()})
+            **ds_setup.optimizer_metrics(self.engine, skipped), epoch=self.stream.epoch_progress,
+            compute_s=time.perf_counter() - started, **{f"data/{k}": v for k, v in self.stream.counters.items()})
         return metrics
 
     def _loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:

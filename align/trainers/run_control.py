@@ -1,0 +1,123 @@
+"""What ends a run early, the same way for every trainer: a stop signal from the user or the scheduler
+(Ctrl-C, SIGTERM on pre-emption) and updates that keep coming out non-finite."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+from tqdm import tqdm
+
+
+class RunInterrupted(Exception):
+    """The run stopped on a signal after saving a checkpoint; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class NonFiniteUpdates(RuntimeError):
+    """Too many optimizer steps in a row were skipped because the loss or a gradient was NaN/inf."""
+
+
+class StopRequest:
+    """Within `with StopRequest() as stop:` the first SIGINT or SIGTERM only sets `stop.signum`: the driver
+    finishes the step it is in, saves a checkpoint and raises `RunInterrupted`. A second signal interrupts
+    at once (KeyboardInterrupt), without a checkpoint. Ray's workers run in their own process groups, so a
+    terminal's Ctrl-C reaches the driver only and the learners stay up to write the checkpoint."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, command: str):
+        self.command = command
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"{self.command}: {signal.Signals(signum).name}: stopping after this step and saving a "
+                   "checkpoint (send it again to stop at once, without one)")
+
+    def interrupted(self, step: int, saved: Any) -> RunInterrupted:
+        assert self.signum is not None
+        return RunInterrupted(f"stopped on {signal.Signals(self.signum).name} after step {step}; checkpoint: {saved}; "
+                              "run the same command with --resume to continue", self.signum)
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps DeepSpeed skipped because the loss or a gradient was not finite (the weights,
+    optimizer state and lr schedule stay as they were) and stops the run after `max_in_row` in a row."""
+
+    def __init__(self, command: str, max_in_row: int):
+        self.command, self.max_in_row = command, max_in_row
+        self.in_row = self.total = 0
+
+    def check(self, step: int, skipped: float) -> None:
+        """`skipped`: optimizer steps skipped during `step` (the learners' `skipped_updates`)."""
+        if not skipped:
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += int(skipped)
+        tqdm.write(f"{self.command}: step {step}: non-finite loss or gradient, update skipped "
+                   f"({self.in_row} in a row, {self.total} in this run)")
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteUpdates(
+                f"{self.in_row} steps in a row had a non-finite loss or gradient (train.max_nonfinite_in_row "
+                f"{self.max_in_row}); lower train.lr or check the data, then resume from the last checkpoint")
+
+    def state(self) -> dict[str, int]:
+        return {"in_row": self.in_row, "total": self.total}
+
+    def load(self, state: dict[str, int]) -> None:
+        self.in_row, self.total = state["in_row"], state["total"]
+
+
+class RunControl:
+    """The signal handler and the non-finite guard together, as a trainer's loop uses them:
+
+        with RunControl("align sft", max_in_row) as control:
+            for each step: ...; if control.ending(step, skipped): save a checkpoint; raise control.error(saved)
+    """
+
+    def __init__(self, command: str, max_nonfinite_in_row: int):
+        self.stop = StopRequest(command)
+        self.guard = NonFiniteGuard(command, max_nonfinite_in_row)
+        self._failure: NonFiniteUpdates | None = None
+        self._step = 0
+
+    def __enter__(self) -> RunControl:
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.__exit__(*exc)
+
+    def ending(self, step: int, skipped: float) -> bool:
+        """After `step`: True when the run must stop (after saving a checkpoint) for a signal or for
+        too many non-finite updates in a row."""
+        self._step = step
+        try:
+            self.guard.check(step, skipped)
+        except NonFiniteUpdates as err:
+            self._failure = err
+        return self._failure is not None or self.stop.signum is not None
+
+    def error(self, saved: Any) -> Exception:
+        """The exception that ends the run, naming the checkpoint just saved."""
+        if self._failure is not None:
+            return NonFiniteUpdates(f"{self._failure}; checkpoint: {saved}")
+        return self.stop.interrupted(self._step, saved)
