@@ -126,17 +126,15 @@ def run_rm_command(args: argparse.Namespace) -> int:
 
 def check_grpo(source: str, recipe: GRPORecipe) -> int:
     """Tokenize every prompt (errors name file:line) and report what a run would use."""
-    from align.data.prompts import load_prompts
+    from align.data.prompts import load_prompt_sets
     from align.models.loading import load_tokenizer
     from rollout.engines import choose_engine
 
-    data = recipe.data
-    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
-    prompts = load_prompts(data.train, tokenizer, data.prompt_key, data.answer_key, data.max_prompt_length)
-    heldout = load_prompts([data.heldout], tokenizer, data.prompt_key, data.answer_key, data.max_prompt_length,
-                           data.heldout_limit) if data.heldout else []
+    prompts = load_prompt_sets(recipe.data, load_tokenizer(recipe.model.tokenizer or recipe.model.path))
     engine = choose_engine(recipe.rollout.engine, recipe.model, on_gpu=recipe.rollout.gpus_per_worker > 0)
-    print(f"align: {source} is valid ({len(prompts)} prompts, {len(heldout)} held-out; rollout engine: {engine}; "
+    skipped = f", {len(prompts.skipped)} bad rows skipped" if prompts.skipped else ""
+    print(f"align: {source} is valid ({len(prompts.train)} prompts{skipped}, {len(prompts.heldout)} held-out; "
+          f"rollout engine: {engine}; "
           f"rewards: {', '.join(spec.name for spec in recipe.rewards)})")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -147,3 +148,29 @@ def test_grpo_check_names_the_engine_auto_picks(capsys, tmp_path):
     assert main(["grpo", "recipes/grpo-tiny.yaml", "--check", *base, "model.preset=deepseek-v2-tiny",
                  f"data.train=[{bad}]"]) == 2
     assert f"{bad}:2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("command", "recipe", "override", "error"), [
+    ("sft", str(TINY_RECIPE), "data.messages_key=conversation",
+     r"data/sft-tiny/train.jsonl:1: 'conversation' must be a non-empty list"),
+    ("grpo", "recipes/grpo-tiny.yaml", "data.prompt_key=question",
+     r"data/math-tiny/train.jsonl:1: 'question' must be a list of messages"),
+    ("grpo", "recipes/grpo-tiny.yaml", "data.answer_key=solution",
+     r"data/math-tiny/train.jsonl:1: no 'solution' column"),
+])
+def test_a_dataset_without_the_named_column_stops_before_any_worker(tmp_path, command, recipe, override, error):
+    extra = ["model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny"] \
+        if command == "grpo" else []
+    result = subprocess.run([sys.executable, "-m", "align.cli", command, recipe, *extra, override,
+                             f"output.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert re.search(error, lines[-1]) and lines[-1].startswith("align: error: "), lines[-1]
+    assert "Ray" not in result.stderr and not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_zero_stage_0_in_fp32_is_refused_for_lack_of_a_nan_check():
+    with pytest.raises(RecipeError, match=r"deepspeed.zero_stage 0 in fp32 has no non-finite gradient check"):
+        load_sft_recipe(TINY_RECIPE, ["deepspeed.zero_stage=0"])
+    bf16 = load_sft_recipe(TINY_RECIPE, ["deepspeed.zero_stage=0", "deepspeed.precision=bf16"])
+    assert bf16.deepspeed.zero_stage == 0

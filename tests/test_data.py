@@ -166,3 +166,28 @@ def test_template_generation_markers_agree_with_our_labels(tokenizer):
                                                return_assistant_tokens_mask=True)
         assert theirs["input_ids"] == ours.input_ids
         assert theirs["assistant_masks"] == [int(label != IGNORE_INDEX) for label in ours.labels]
+
+
+def test_malformed_lines_are_skipped_and_counted_with_skip_bad_rows(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "broken.jsonl", [{"messages": CHAT}] * 3 + ["{not json", "[1, 2]"]
+                       + [{"messages": CHAT}] * 3)
+    config = SFTDataConfig(train=[str(path)], max_length=128, shuffle_buffer=1, skip_bad_rows=True)
+    stream = SFTStream(config, tokenizer, 0, 1, rows=16)
+    assert stream.next_batch().num_samples == 6 and stream.counters["bad_rows"] == 2
+    config.skip_bad_rows = False
+    with pytest.raises(DataError, match=rf"{path}:4: invalid JSON"):
+        SFTStream(config, tokenizer, 0, 1, rows=16).next_batch()
+
+
+def test_prompt_rows_missing_fields_are_named_or_skipped(tmp_path, tokenizer):
+    from align.data.prompts import load_prompts
+
+    good = {"prompt": [{"role": "user", "content": "1 + 1?"}], "answer": "2"}
+    path = write_jsonl(tmp_path / "prompts.jsonl", [good, {"prompt": good["prompt"]}, "{oops", good])
+    with pytest.raises(DataError, match=rf"{path}:2: no 'answer' column"):
+        load_prompts([str(path)], tokenizer, "prompt", "answer", 64)
+    skipped: list[DataError] = []
+    prompts = load_prompts([str(path)], tokenizer, "prompt", "answer", 64, skipped=skipped)
+    assert [p.origin for p in prompts] == [f"{path}:1", f"{path}:4"]
+    assert [str(e).split(": ")[1] for e in skipped] == ["no 'answer' column", "invalid JSON (Expecting property name "
+                                                        "enclosed in double quotes at column 2)"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from align import checkpoint
 from tests.conftest import ROOT, TINY_RECIPE
@@ -182,3 +183,19 @@ def test_sft_killed_at_any_step_resumes_exactly(tmp_path):
     again = launch("sft", SFT, run_dir)
     code, output = finish(again, run_dir)
     assert code == 2 and "already holds a run" in output
+
+
+def test_sft_skips_non_finite_updates_and_stops_after_three_in_a_row(tmp_path):
+    """lr 1e30: the first update blows the weights up, every later loss is NaN. DeepSpeed skips those steps
+    (weights, optimizer, lr schedule untouched); the third in a row stops the run with a checkpoint."""
+    run_dir = tmp_path / "run"
+    code, output = finish(launch("sft", [str(TINY_RECIPE), "train.lr=1e30", "train.max_steps=10",
+                                         "output.save_every=1", "output.keep_last=4"], run_dir), run_dir)
+    assert code == 1, output[-3000:]
+    assert "3 steps in a row had a non-finite loss or gradient" in output and "step-00000004" in output
+    metrics = records(run_dir, "metrics.jsonl")
+    assert [r["skipped_updates"] for r in metrics] == [0, 1, 1, 1]
+    assert len({r["lr"] for r in metrics[1:]}) == 1  # the schedule did not advance on skipped steps
+    first, last = (torch.load(run_dir / "checkpoints" / checkpoint.step_name(step) / "engine" /
+                              "mp_rank_00_model_states.pt", weights_only=False)["module"] for step in (1, 4))
+    assert first.keys() == last.keys() and all(torch.equal(first[k], last[k]) for k in first)

@@ -29,6 +29,8 @@ class PromptDataConfig:
     heldout_reward: str = option("math_answer", "reward whose mean over greedy held-out completions is reported "
                                  "before and after training (code_execution for code)")
     max_prompt_length: int = option(256, "prompts longer than this (tokens) are an error")
+    skip_bad_rows: bool = option(False, "leave out malformed or incomplete training rows (counted and the first "
+                                 "named) instead of stopping")
     seed: int = option(0, "prompt order seed")
 
 

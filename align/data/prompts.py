@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from align.data.chat import check_messages, render_ids
-from align.data.sources import DataError, iter_rows
+from align.data.sources import DataError, Row, iter_rows
 
 
 @dataclass(frozen=True)
@@ -24,27 +24,55 @@ class Prompt:
 
 
 def load_prompts(paths: list[str], tokenizer: Any, prompt_key: str, answer_key: str, max_length: int,
-                 limit: int | None = None) -> list[Prompt]:
+                 limit: int | None = None, skipped: list[DataError] | None = None) -> list[Prompt]:
+    """Every row as a Prompt (at most `limit`). A bad row (malformed line, missing column, prompt too long)
+    raises DataError naming file:line, or, given a `skipped` list, is appended to it and left out."""
     prompts = []
     for path in paths:
-        for row in iter_rows(path):
-            messages = row.data.get(prompt_key)
-            if isinstance(messages, list) and messages and messages[-1].get("role") == "user":
-                check_messages([*messages, {"role": "assistant", "content": ""}], row.origin, prompt_key)
-            else:
-                raise DataError(f"{row.origin}: '{prompt_key}' must be a list of messages ending with a user turn")
-            if answer_key not in row.data:
-                raise DataError(f"{row.origin}: no '{answer_key}' column")
-            ids = render_ids(tokenizer, messages, add_generation_prompt=True, origin=row.origin)
-            if len(ids) > max_length:
-                raise DataError(f"{row.origin}: prompt is {len(ids)} tokens, over data.max_prompt_length {max_length}")
-            prompts.append(Prompt(messages, ids, row.data[answer_key], row.origin,
-                                  {**row.data, "answer": row.data[answer_key]}))
+        for row in iter_rows(path, None if skipped is None else skipped.append):
+            try:
+                prompts.append(parse_prompt(row, tokenizer, prompt_key, answer_key, max_length))
+            except DataError as err:
+                if skipped is None:
+                    raise
+                skipped.append(err)
             if limit and len(prompts) == limit:
                 return prompts
     if not prompts:
-        raise DataError(f"{', '.join(paths)}: no prompts")
+        raise DataError(f"{', '.join(paths)}: no prompts" + (f" ({len(skipped)} bad rows skipped)" if skipped else ""))
     return prompts
+
+
+def parse_prompt(row: Row, tokenizer: Any, prompt_key: str, answer_key: str, max_length: int) -> Prompt:
+    messages = row.data.get(prompt_key)
+    if isinstance(messages, list) and messages and messages[-1].get("role") == "user":
+        check_messages([*messages, {"role": "assistant", "content": ""}], row.origin, prompt_key)
+    else:
+        raise DataError(f"{row.origin}: '{prompt_key}' must be a list of messages ending with a user turn")
+    if answer_key not in row.data:
+        raise DataError(f"{row.origin}: no '{answer_key}' column")
+    ids = render_ids(tokenizer, messages, add_generation_prompt=True, origin=row.origin)
+    if len(ids) > max_length:
+        raise DataError(f"{row.origin}: prompt is {len(ids)} tokens, over data.max_prompt_length {max_length}")
+    return Prompt(messages, ids, row.data[answer_key], row.origin, {**row.data, "answer": row.data[answer_key]})
+
+
+@dataclass
+class PromptSets:
+    train: list[Prompt]
+    heldout: list[Prompt]
+    skipped: list[DataError]  # bad training rows left out (data.skip_bad_rows)
+
+
+def load_prompt_sets(data: Any, tokenizer: Any) -> PromptSets:
+    """A GRPO recipe's training and held-out prompts (`data`: its PromptDataConfig), read and tokenized
+    before any worker starts, so that a bad row stops the run at once with its file:line."""
+    skipped: list[DataError] = []
+    train = load_prompts(data.train, tokenizer, data.prompt_key, data.answer_key, data.max_prompt_length,
+                         skipped=skipped if data.skip_bad_rows else None)
+    heldout = load_prompts([data.heldout], tokenizer, data.prompt_key, data.answer_key, data.max_prompt_length,
+                           data.heldout_limit) if data.heldout else []
+    return PromptSets(train, heldout, skipped)
 
 
 class PromptSampler:

@@ -7,7 +7,7 @@ origin (`file:line` for JSONL, `file:row N` otherwise) so a bad row is reported 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,20 +38,21 @@ def count_rows(path: str | Path) -> int:
         return sum(1 for line in handle if line.strip())
 
 
-def iter_rows(path: str | Path) -> Iterator[Row]:
-    """Yield the rows of one source. JSONL lines that are not JSON objects raise DataError."""
+def iter_rows(path: str | Path, on_bad: Callable[[DataError], None] | None = None) -> Iterator[Row]:
+    """Yield the rows of one source. A JSONL line that is not a JSON object raises DataError naming
+    file:line, or, with `on_bad`, is passed to it as that error and skipped."""
     path = Path(path)
     if path.is_dir():
         yield from _iter_hf_dataset(path)
     elif path.suffix == ".parquet":
         yield from _iter_parquet(path)
     elif path.suffix in (".jsonl", ".json"):
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(path, on_bad)
     else:
         raise DataError(f"{path}: unsupported data format (use .jsonl, .parquet or an HF dataset directory)")
 
 
-def _iter_jsonl(path: Path) -> Iterator[Row]:
+def _iter_jsonl(path: Path, on_bad: Callable[[DataError], None] | None) -> Iterator[Row]:
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -59,11 +60,15 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
             origin = f"{path}:{number}"
             try:
                 data = json.loads(line)
+                error = None if isinstance(data, dict) else f"expected a JSON object, got {type(data).__name__}"
             except json.JSONDecodeError as err:
-                raise DataError(f"{origin}: invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(data, dict):
-                raise DataError(f"{origin}: expected a JSON object, got {type(data).__name__}")
-            yield Row(data, origin)
+                error = f"invalid JSON ({err.msg} at column {err.colno})"
+            if error is None:
+                yield Row(data, origin)
+            elif on_bad is None:
+                raise DataError(f"{origin}: {error}")
+            else:
+                on_bad(DataError(f"{origin}: {error}"))
 
 
 def _iter_parquet(path: Path) -> Iterator[Row]:

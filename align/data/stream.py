@@ -7,7 +7,7 @@ large the data set, and replaying the stream to a saved position reproduces the 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from align.config.schema import SFTDataConfig
@@ -38,6 +38,7 @@ class EpochStream:
     make one epoch's batches in `_epoch_batches`, counting `rows_read` as rows leave the shuffle buffer."""
 
     epoch: int  # current epoch, set by _start_epoch
+    on_bad_row: Callable[[DataError], None] | None = None  # set to skip malformed JSONL lines (else they raise)
     rows_read: int  # rows of this rank's shard consumed (past the shuffle buffer) in the current epoch
     batches_served: int  # batches handed out in the current epoch
 
@@ -80,7 +81,7 @@ class EpochStream:
     def _shard_rows(self) -> Iterator[Row]:
         index = 0
         for path in self.paths:
-            for row in iter_rows(path):
+            for row in iter_rows(path, self.on_bad_row):
                 if index % self.world_size == self.rank:
                     yield row
                 index += 1
@@ -93,7 +94,12 @@ class SFTStream(EpochStream):
         super().__init__(config.train, rank, world_size)
         self.config, self.tokenizer, self.rows = config, tokenizer, rows
         self.counters = {"bad_rows": 0, "truncated": 0, "empty_after_truncation": 0}
+        if config.skip_bad_rows:
+            self.on_bad_row = self._count_bad_row
         self._start_epoch(0)
+
+    def _count_bad_row(self, _: DataError) -> None:
+        self.counters["bad_rows"] += 1
 
     def _epoch_batches(self) -> Iterator[Batch]:
         rng = random.Random(f"{self.config.seed}-{self.epoch}-{self.rank}")
@@ -128,7 +134,7 @@ def preflight(config: SFTDataConfig, tokenizer: Any, rows_per_file: int = 64) ->
     broken file fails in seconds; returns the mean tokens per sample, used to estimate steps per epoch."""
     lengths = []
     for path in config.train:
-        for i, row in enumerate(iter_rows(path)):
+        for i, row in enumerate(iter_rows(path, (lambda _: None) if config.skip_bad_rows else None)):
             if i == rows_per_file:
                 break
             try:

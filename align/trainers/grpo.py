@@ -30,7 +30,7 @@ from tqdm import tqdm
 from align import checkpoint
 from align.config.grpo_schema import GRPORecipe
 from align.config.loader import to_dict
-from align.data.prompts import Prompt, PromptSampler, load_prompts
+from align.data.prompts import Prompt, PromptSampler, PromptSets, load_prompt_sets
 from align.distributed.worker_group import WorkerError, WorkerGroup, start_ray, worker_env
 from align.metrics import JsonlLog, MetricsLog, plot_curves
 from align.models.loading import load_tokenizer
@@ -85,18 +85,14 @@ def sampling_metrics(sampled: ScoredGroups, values: dict[str, list[float | None]
 
 
 class GRPORun:
-    def __init__(self, recipe: GRPORecipe):
+    def __init__(self, recipe: GRPORecipe, prompts: PromptSets | None = None):
         self.recipe = recipe
         self.pending: PendingRollout | None = None  # overlap: the next step's rollout, already started
         self.pending_position = 0  # the sampler's position before the pending rollout drew its prompts
         self.heldout_before: float | None = None
         self.tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
-        data = recipe.data
-        self.sampler = PromptSampler(
-            load_prompts(data.train, self.tokenizer, data.prompt_key, data.answer_key, data.max_prompt_length),
-            data.seed)
-        self.heldout = load_prompts([data.heldout], self.tokenizer, data.prompt_key, data.answer_key,
-                                    data.max_prompt_length, data.heldout_limit) if data.heldout else []
+        prompts = prompts or load_prompt_sets(recipe.data, self.tokenizer)
+        self.sampler, self.heldout = PromptSampler(prompts.train, recipe.data.seed), prompts.heldout
         cluster, rollout = recipe.cluster, recipe.rollout
         start_ray(cluster.ray_address,
                   cluster.num_workers * cluster.cpus_per_worker + rollout.num_workers * rollout.cpus_per_worker
@@ -312,10 +308,14 @@ class GRPORun:
 
 
 def run_grpo(recipe: GRPORecipe, resume: bool = False) -> dict[str, Any]:
+    prompts = load_prompt_sets(recipe.data, load_tokenizer(recipe.model.tokenizer or recipe.model.path))
+    if prompts.skipped:
+        print(f"align grpo: skipped {len(prompts.skipped)} bad prompt rows (data.skip_bad_rows); first: "
+              f"{prompts.skipped[0]}", file=sys.stderr)
     run_dir = checkpoint.prepare_run_dir(Path(recipe.output.dir), resume, recipe.output.overwrite)
     latest = checkpoint.latest_checkpoint(run_dir / "checkpoints") if resume else None
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-    run = GRPORun(recipe)
+    run = GRPORun(recipe, prompts)
     try:
         with run.control:
             return _train(run, run_dir, latest)

@@ -87,9 +87,9 @@ def describe_heldout(after: dict[str, float], before: dict[str, float] | None = 
 
 
 def run_rm(recipe: RMRecipe, resume: bool = False) -> dict[str, Any]:
-    run_dir = checkpoint.prepare_run_dir(Path(recipe.output.dir), resume, recipe.output.overwrite)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
     stats = preflight(recipe.data, recipe.train.loss, tokenizer)
+    run_dir = checkpoint.prepare_run_dir(Path(recipe.output.dir), resume, recipe.output.overwrite)
     total_steps = total_steps_for(recipe, int(stats["total_rows"]))
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
 

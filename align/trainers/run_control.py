@@ -77,7 +77,8 @@ class NonFiniteGuard:
         if self.in_row >= self.max_in_row:
             raise NonFiniteUpdates(
                 f"{self.in_row} steps in a row had a non-finite loss or gradient (train.max_nonfinite_in_row "
-                f"{self.max_in_row}); lower train.lr or check the data, then resume from the last checkpoint")
+                f"{self.max_in_row}); the weights are those of the last update applied; lower train.lr or check "
+                "the data")
 
     def state(self) -> dict[str, int]:
         return {"in_row": self.in_row, "total": self.total}

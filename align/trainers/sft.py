@@ -66,9 +66,9 @@ def reduce_metrics(per_rank: list[dict[str, float]], seconds: float) -> dict[str
 
 
 def run_sft(recipe: SFTRecipe, resume: bool = False) -> dict[str, Any]:
-    run_dir = checkpoint.prepare_run_dir(Path(recipe.output.dir), resume, recipe.output.overwrite)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
     stats = preflight(recipe.data, tokenizer)
+    run_dir = checkpoint.prepare_run_dir(Path(recipe.output.dir), resume, recipe.output.overwrite)
     total_steps = estimate_total_steps(recipe, stats["mean_tokens"], int(stats["total_rows"]))
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
 
