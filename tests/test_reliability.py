@@ -165,10 +165,10 @@ def test_grpo_survives_dead_rollout_and_reward_workers_and_stops_cleanly_on_a_de
     assert_same_run(run_dir, reference_runs / "overlap")
 
 
-SFT = [str(TINY_RECIPE), "train.max_steps=12", "output.save_every=3", "train.warmup_steps=2"]
+SFT = [str(TINY_RECIPE), "train.max_steps=14", "output.save_every=3", "train.warmup_steps=2"]
 
 
-def test_sft_killed_at_any_step_resumes_exactly(tmp_path):
+def test_sft_killed_at_any_step_or_stopped_by_sigterm_resumes_exactly(tmp_path):
     reference = tmp_path / "reference"
     run("sft", SFT, reference)
     run_dir = tmp_path / "run"
@@ -177,11 +177,18 @@ def test_sft_killed_at_any_step_resumes_exactly(tmp_path):
     process.kill()  # between checkpoints 3 and 6 (or during 6): resume replays from the latest one
     process.wait()
     resumed_at = int(checkpoint.latest_checkpoint(run_dir / "checkpoints").name.split("-")[1])
-    output = run("sft", [*SFT, "--resume"], run_dir)
+    process = launch("sft", [*SFT, "--resume"], run_dir)
+    wait_until(lambda: logged_steps(run_dir) >= 8, process)
+    process.send_signal(signal.SIGTERM)  # pre-emption: the step in progress finishes, then a checkpoint
+    code, output = finish(process, run_dir)
+    assert code == 128 + signal.SIGTERM, output[-3000:]
     assert f"resumed at step {resumed_at}" in output
+    stopped_at = logged_steps(run_dir)
+    assert f"stopped on SIGTERM after step {stopped_at}" in output
+    output = run("sft", [*SFT, "--resume"], run_dir)
+    assert f"resumed at step {stopped_at}" in output
     assert_same_run(run_dir, reference, ("loss", "lm_loss", "balance_loss", "grad_norm", "lr", "tokens", "samples"))
-    again = launch("sft", SFT, run_dir)
-    code, output = finish(again, run_dir)
+    code, output = finish(launch("sft", SFT, run_dir), run_dir)
     assert code == 2 and "already holds a run" in output
 
 
