@@ -314,6 +314,8 @@ def run_grpo(recipe: GRPORecipe, resume: bool = False) -> dict[str, Any]:
               f"{prompts.skipped[0]}", file=sys.stderr)
     run_dir = checkpoint.prepare_run_dir(Path(recipe.output.dir), resume, recipe.output.overwrite)
     latest = checkpoint.latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume and latest is None:
+        print(f"align grpo: --resume: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
     run = GRPORun(recipe, prompts)
     try:
@@ -351,17 +353,15 @@ def _train(run: GRPORun, run_dir: Path, latest: Path | None) -> dict[str, Any]:
             if metrics["faults/engine_restarts"] + metrics["faults/reward_restarts"] != restarts:
                 restarts = metrics["faults/engine_restarts"] + metrics["faults/reward_restarts"]
                 run.write_workers(run_dir)
-            ending = run.control.ending(done, metrics["skipped_updates"])
             try:
                 run.check_reward_failures(metrics)
             except RewardFailure as err:
                 saved = run.save(run_dir, done)
                 export_model(run.learners, run_dir, "stopped")
                 raise RewardFailure(f"{err}; checkpoint: {saved}; policy: {run_dir / 'stopped'}") from err
-            if (recipe.output.save_every and done % recipe.output.save_every == 0) or ending or done == steps:
-                saved = run.save(run_dir, done)
-            if ending:
-                raise run.control.error(saved)
+            every = recipe.output.save_every if done < steps else 1  # always a checkpoint at the end
+            saved = run.control.after_step(done, metrics["skipped_updates"], every,
+                                           lambda s: run.save(run_dir, s)) or saved
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}",
                             c_s=f"{metrics['completions_per_s']:.1f}")
         after = run.heldout_accuracy(max_new)

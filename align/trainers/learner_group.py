@@ -42,6 +42,9 @@ def resume_step(group: WorkerGroup, run_dir: Path, resume: bool) -> int:
     returns the step to continue from (0 for a fresh run)."""
     latest = checkpoint.latest_checkpoint(run_dir / "checkpoints") if resume else None
     if latest is None:
+        if resume:
+            print(f"align: --resume: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        truncate_metrics(run_dir / "metrics.jsonl", 0)
         return 0
     step = group.call("load_state", str(latest))[0]
     truncate_metrics(run_dir / "metrics.jsonl", step)

@@ -134,11 +134,8 @@ def _train(recipe: RMRecipe, group: WorkerGroup, run_dir: Path, total_steps: int
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['rm_loss']:.3f}", acc=f"{last.get('accuracy', math.nan):.2f}",
                                 epoch=f"{last['epoch']:.2f}")
-                ending = control.ending(step, last["skipped_updates"])
-                if (recipe.output.save_every and step % recipe.output.save_every == 0) or ending:
-                    saved = save_checkpoint(group, run_dir, step, recipe.output.keep_last)
-                if ending:
-                    raise control.error(saved)
+                control.after_step(step, last["skipped_updates"], recipe.output.save_every,
+                                   lambda s: save_checkpoint(group, run_dir, s, recipe.output.keep_last))
             after = evaluate()
             if after:
                 log.log(step, after)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from tqdm import tqdm
@@ -91,7 +92,7 @@ class RunControl:
     """The signal handler and the non-finite guard together, as a trainer's loop uses them:
 
         with RunControl("align sft", max_in_row) as control:
-            for each step: ...; if control.ending(step, skipped): save a checkpoint; raise control.error(saved)
+            for each step: ...; control.after_step(step, skipped, save_every, save)
     """
 
     def __init__(self, command: str, max_nonfinite_in_row: int):
@@ -116,6 +117,15 @@ class RunControl:
         except NonFiniteUpdates as err:
             self._failure = err
         return self._failure is not None or self.stop.signum is not None
+
+    def after_step(self, step: int, skipped: float, save_every: int, save: Callable[[int], Any]) -> Any:
+        """The end of every step: `save(step)` a checkpoint when `step` is a multiple of `save_every` or the
+        run must stop, then stop it (raise) if it must. Returns what `save` returned, or None."""
+        ending = self.ending(step, skipped)
+        saved = save(step) if (save_every and step % save_every == 0) or ending else None
+        if ending:
+            raise self.error(saved)
+        return saved
 
     def error(self, saved: Any) -> Exception:
         """The exception that ends the run, naming the checkpoint just saved."""

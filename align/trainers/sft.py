@@ -104,11 +104,8 @@ def _train(recipe: SFTRecipe, group: WorkerGroup, run_dir: Path, total_steps: in
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
                                 epoch=f"{last['epoch']:.2f}")
-                ending = control.ending(step, last["skipped_updates"])
-                if (recipe.output.save_every and step % recipe.output.save_every == 0) or ending:
-                    saved = save_checkpoint(group, run_dir, step, recipe.output.keep_last)
-                if ending:
-                    raise control.error(saved)
+                control.after_step(step, last["skipped_updates"], recipe.output.save_every,
+                                   lambda s: save_checkpoint(group, run_dir, s, recipe.output.keep_last))
     finally:
         bar.close()
         log.close()
