@@ -19,21 +19,29 @@ from align.trainers.run_control import NonFiniteUpdates, RunControl, RunInterrup
 
 def test_non_finite_steps_stop_the_run_only_when_in_a_row():
     control = RunControl("align test", max_nonfinite_in_row=3)
-    assert [control.ending(step, skipped) for step, skipped in enumerate([1, 1, 0, 1, 1], start=1)] == [False] * 5
+    saved: list[int] = []
+
+    def save(step: int) -> str:
+        saved.append(step)
+        return f"ckpt/step-{step:08d}"
+
+    returned = [control.after_step(step, skipped, 0, save) for step, skipped in enumerate([1, 1, 0, 1, 1], start=1)]
+    assert returned == [None] * 5 and saved == []  # no checkpoint due, no stop
     assert control.guard.total == 4 and control.guard.in_row == 2
-    assert control.ending(6, 1)
-    error = control.error("ckpt/step-00000006")
-    assert isinstance(error, NonFiniteUpdates) and "3 steps in a row" in str(error) and "step-00000006" in str(error)
+    with pytest.raises(NonFiniteUpdates) as stopped:
+        control.after_step(6, 1, 0, save)
+    assert saved == [6] and "3 steps in a row" in str(stopped.value) and "step-00000006" in str(stopped.value)
 
 
 def test_first_signal_asks_for_a_checkpoint_second_interrupts_at_once():
     previous = signal.getsignal(signal.SIGINT)
     with RunControl("align test", 3) as control:
+        assert control.after_step(3, 0, 3, lambda step: f"ckpt/step-{step:08d}") == "ckpt/step-00000003"
         os.kill(os.getpid(), signal.SIGTERM)
-        assert control.ending(4, 0)
-        error = control.error("ckpt/step-00000004")
-        assert isinstance(error, RunInterrupted) and error.exit_code == 128 + signal.SIGTERM
-        assert "stopped on SIGTERM after step 4; checkpoint: ckpt/step-00000004" in str(error)
+        with pytest.raises(RunInterrupted) as stopped:
+            control.after_step(4, 0, 3, lambda step: f"ckpt/step-{step:08d}")
+        assert stopped.value.exit_code == 128 + signal.SIGTERM
+        assert "stopped on SIGTERM after step 4; checkpoint: ckpt/step-00000004" in str(stopped.value)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is previous

@@ -98,8 +98,6 @@ class RunControl:
     def __init__(self, command: str, max_nonfinite_in_row: int):
         self.stop = StopRequest(command)
         self.guard = NonFiniteGuard(command, max_nonfinite_in_row)
-        self._failure: NonFiniteUpdates | None = None
-        self._step = 0
 
     def __enter__(self) -> RunControl:
         self.stop.__enter__()
@@ -108,27 +106,19 @@ class RunControl:
     def __exit__(self, *exc: object) -> None:
         self.stop.__exit__(*exc)
 
-    def ending(self, step: int, skipped: float) -> bool:
-        """After `step`: True when the run must stop (after saving a checkpoint) for a signal or for
-        too many non-finite updates in a row."""
-        self._step = step
-        try:
-            self.guard.check(step, skipped)
-        except NonFiniteUpdates as err:
-            self._failure = err
-        return self._failure is not None or self.stop.signum is not None
-
     def after_step(self, step: int, skipped: float, save_every: int, save: Callable[[int], Any]) -> Any:
         """The end of every step: `save(step)` a checkpoint when `step` is a multiple of `save_every` or the
-        run must stop, then stop it (raise) if it must. Returns what `save` returned, or None."""
-        ending = self.ending(step, skipped)
+        run must stop (a signal came, or too many non-finite updates in a row), then stop it: raise
+        `RunInterrupted` or `NonFiniteUpdates` naming the checkpoint. Returns what `save` returned, or None."""
+        try:
+            self.guard.check(step, skipped)
+            failure = None
+        except NonFiniteUpdates as err:
+            failure = err
+        ending = failure is not None or self.stop.signum is not None
         saved = save(step) if (save_every and step % save_every == 0) or ending else None
+        if failure is not None:
+            raise NonFiniteUpdates(f"{failure}; checkpoint: {saved}")
         if ending:
-            raise self.error(saved)
+            raise self.stop.interrupted(step, saved)
         return saved
-
-    def error(self, saved: Any) -> Exception:
-        """The exception that ends the run, naming the checkpoint just saved."""
-        if self._failure is not None:
-            return NonFiniteUpdates(f"{self._failure}; checkpoint: {saved}")
-        return self.stop.interrupted(self._step, saved)
