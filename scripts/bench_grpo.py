@@ -1,7 +1,7 @@
 """GRPO throughput: `align grpo` against TRL's GRPOTrainer on the same model, prompts, G, lengths, batch and steps.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_grpo.py [--steps 20] [--warmup 3] [--model DIR] \
-        [--zero-stage 0] [--out runs/bench_grpo.json]
+        [--zero-stage 2] [--out runs/bench_grpo.json]
 
 A smoke run, `--steps 4 --warmup 1`, took 65-80 s here (2 cores, start-up included); each further step
 adds about 2 s per side. The two sides run one after the other, each in its own subprocess tree with one
@@ -356,7 +356,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the measurement")
     parser.add_argument("--model", help="checkpoint directory both sides start from (default: fresh preset weights)")
-    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="align's DeepSpeed ZeRO stage")
+    parser.add_argument("--zero-stage", type=int, default=2, choices=[1, 2, 3],
+                        help="align's DeepSpeed ZeRO stage (0 is refused in fp32: it has no non-finite check)")
     parser.add_argument("--recipe", default="recipes/grpo-tiny.yaml", help="GRPO recipe giving data, rewards and lr")
     parser.add_argument("--preset", default="deepseek-v2-tiny", help="model preset when --model is not given")
     parser.add_argument("--tokenizer", default="data/tokenizer-tiny", help="tokenizer of the preset model")

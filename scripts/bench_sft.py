@@ -1,7 +1,7 @@
 """SFT throughput: `align sft` against TRL's SFTTrainer on the same model, data, batch and thread budget.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_sft.py [--steps 60] [--warmup 10] \
-        [--modes align,trl-packed,trl-unpacked,trl-wrapped] [--zero-stage 0] [--out runs/bench_sft.json]
+        [--modes align,trl-packed,trl-unpacked,trl-wrapped] [--zero-stage 2] [--out runs/bench_sft.json]
 
 Default modes: align, trl-packed, trl-unpacked (about 3 minutes at 60 steps on 2 cores; a smoke run:
 `--steps 12 --warmup 4`, about 1.5 minutes). Every mode runs in its own subprocess with one torch thread,
@@ -243,7 +243,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the measurement")
     parser.add_argument("--modes", default="align,trl-packed,trl-unpacked",
                         help=f"comma-separated, from: align, {', '.join(TRL_MODES)}")
-    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="align's DeepSpeed ZeRO stage")
+    parser.add_argument("--zero-stage", type=int, default=2, choices=[1, 2, 3],
+                        help="align's DeepSpeed ZeRO stage (0 is refused in fp32: it has no non-finite check)")
     parser.add_argument("--recipe", default="recipes/sft-tiny.yaml", help="SFT recipe giving model, data and lr")
     parser.add_argument("--out", default="runs/bench_sft.json", help="where to write the results as JSON")
     parser.add_argument("--trl-worker", choices=list(TRL_MODES), help=argparse.SUPPRESS)

@@ -39,3 +39,13 @@ def test_plan_of_the_full_deepseek_v2_runs_anywhere():
     assert "235.74B parameters, 20.85B active per token" in result.stdout
     # 235.74e9 * (2 + 2 + 12) bytes / 128 learners
     assert f"{235.741e9 * 16 / 128 / GIB:.1f} GiB before activations" in result.stdout
+
+
+def test_plan_of_a_checkpoint_not_on_this_machine_is_one_line_naming_model_path(capsys):
+    from align.cli import main
+
+    assert main(["sft", "recipes/sft-deepseek-v2-lite.yaml", "--plan"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["align: error: recipes/sft-deepseek-v2-lite.yaml: model.path: /checkpoints/DeepSeek-V2-Lite is not "
+                     "a model directory (no config.json); to plan it without the checkpoint, name a preset of its "
+                     "shape: model.path=null model.preset=<deepseek-v2|deepseek-v2-lite|deepseek-v2-tiny|llama-tiny>"]

@@ -3,17 +3,20 @@ and leave this process (the trainer's stand-in) and the machine healthy."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -74,11 +77,22 @@ def work_dirs() -> set[str]:
     return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("align-sandbox-")}
 
 
+def visible_in_sandbox() -> Path:
+    """A writable directory that the sandbox sees: outside /tmp (covered there by the sandbox's own tmpfs) and
+    reachable by any uid. The checkout when it qualifies (a clone under /tmp or /root does not), else /var/tmp."""
+    for place in (ROOT, Path("/var/tmp")):
+        place = place.resolve()
+        reachable = all(p.stat().st_mode & stat.S_IXOTH for p in (place, *place.parents))
+        if not place.is_relative_to("/tmp") and reachable and os.access(place, os.W_OK):
+            return place
+    pytest.skip("no writable directory outside /tmp that every uid can reach (tried the checkout and /var/tmp)")
+
+
 @pytest.fixture
 def outside(tmp_path):
     """Root-owned directories outside /tmp (so visible inside the sandbox): a 0755 dir and a fake 0700 home
     with a 0600 secret. Removed afterwards."""
-    base = ROOT / f".sandbox-test-{uuid.uuid4().hex[:8]}"
+    base = visible_in_sandbox() / f".sandbox-test-{uuid.uuid4().hex[:8]}"
     home = base / "home"
     home.mkdir(parents=True)
     os.chmod(base, 0o755)
@@ -258,17 +272,24 @@ def test_sandbox_dies_with_its_parent(sandboxed):
     parent = subprocess.Popen([sys.executable, "-c", "from rewards.sandbox import SandboxLimits, run_sandboxed\n"
                                "run_sandboxed('import time\\ntime.sleep(60)', limits=SandboxLimits(timeout_s=60))"],
                               cwd=ROOT)
-    deadline = time.monotonic() + 10
-    while not sandbox_uid_pids() - before_pids and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sandbox_uid_pids() - before_pids, "the sandboxed program never started"
-    parent.kill()
-    parent.wait()
-    while sandbox_uid_pids() - before_pids and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not sandbox_uid_pids() - before_pids
-    for name in work_dirs() - before_dirs:  # a killed parent cannot remove its work dir
-        shutil.rmtree(os.path.join(tempfile.gettempdir(), name))
+    try:
+        deadline = time.monotonic() + 30
+        while not sandbox_uid_pids() - before_pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sandbox_uid_pids() - before_pids, "the sandboxed program never started"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while sandbox_uid_pids() - before_pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not sandbox_uid_pids() - before_pids
+    finally:  # a failure must not leave a sandbox-uid process behind: it would count against later tests' limits
+        parent.kill()
+        for pid in sandbox_uid_pids() - before_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for name in work_dirs() - before_dirs:  # a killed parent cannot remove its work dir
+            shutil.rmtree(os.path.join(tempfile.gettempdir(), name))
 
 
 def test_huge_output_is_capped_without_memory_growth(sandboxed):

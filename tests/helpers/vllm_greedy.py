@@ -1,24 +1,34 @@
-"""Greedy completions of a checkpoint from vLLM and from transformers, printed as JSON.
+"""Greedy completions of a checkpoint from vLLM, with transformers teacher-forced along them, saved with torch.save.
 
 Run as its own process (vLLM owns the process while it runs):
-    python tests/helpers/vllm_greedy.py MODEL_DIR PROMPT [PROMPT ...]
+    python tests/helpers/vllm_greedy.py MODEL_DIR OUT.pt PROMPT [PROMPT ...]
+
+OUT.pt holds per prompt: `tokens` (vLLM's greedy tokens), `logprobs` (the log-probs vLLM reports for them)
+and `reference_logp` ([tokens, vocab]: transformers' log softmax along the same tokens, from the same files),
+for `tests.helpers.greedy.assert_greedy_path`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main() -> None:
-    model_dir, prompts = sys.argv[1], sys.argv[2:]
+    model_dir, out, prompts = sys.argv[1], sys.argv[2], sys.argv[3:]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollout.cpu_kernels import follow_aten_cpu_capability
+    from tests.helpers.greedy import teacher_forced_logp
+
+    follow_aten_cpu_capability()  # before vLLM loads its kernels
     from vllm import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -27,20 +37,20 @@ def main() -> None:
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     dtype = os.environ.get("ALIGN_CHECK_DTYPE", "float32")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    hf = []
-    for prompt_ids in ids:
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=24, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        hf.append(out[0, len(prompt_ids):].tolist())
-
     # The CPU rotary custom op mishandles DeepSeek-V2's 3-D q/k (ENVIRONMENT.md): use the native one.
     llm = LLM(model=model_dir, dtype=dtype, enforce_eager=True, max_model_len=512,
               compilation_config={"custom_ops": ["-rotary_embedding"]}, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=24)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
-    vllm = [list(o.outputs[0].token_ids) for o in outputs]
-    print("RESULT " + json.dumps({"hf": hf, "vllm": vllm}))
+    params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=0)
+    outputs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)]
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    results = []
+    for prompt_ids, output in zip(ids, outputs):
+        tokens = list(output.token_ids)
+        results.append({"tokens": tokens,
+                        "logprobs": [step[token].logprob for step, token in zip(output.logprobs, tokens)],
+                        "reference_logp": teacher_forced_logp(model, prompt_ids, tokens)})
+    torch.save(results, out)
 
 
 if __name__ == "__main__":
