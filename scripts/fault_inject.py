@@ -1,6 +1,11 @@
 """Fault injection: run `align grpo` while killing its workers (kill -9), and report what survived.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/fault_inject.py --kills 6 --steps 30
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/fault_inject.py ... --reference DIR -- [align overrides]
+
+Overrides after `--` change the recipe (they come after the script's own, before the step count and the
+output directory, which stay the script's). `--reference DIR` compares with an uninterrupted run made
+earlier with the same recipe instead of making one (its recipe.yaml must match, output.dir aside).
 
 Rollout engines and reward workers are killed while the run goes on (align replaces them and redoes their
 share); a learner or the driver kill stops the run, which is then restarted with --resume, as an operator
@@ -31,13 +36,25 @@ KINDS = ("rollout", "reward", "learner", "driver")
 LEARNING = ("loss", "policy_loss", "kl", "reward/mean", "completion_length", "grad_norm")
 
 
-def recipe_args(steps: int, run_dir: Path) -> list[str]:
-    """The tiny GRPO recipe, from the demo's SFT checkpoint when there is one, else a fresh tiny MoE."""
+def recipe_args(steps: int, run_dir: Path, overrides: list[str]) -> list[str]:
+    """The tiny GRPO recipe, from the demo's SFT checkpoint when there is one, else a fresh tiny MoE; then the
+    user's `overrides`; then the step count and the run directory."""
     model = [] if (ROOT / "runs/demo-sft/final/config.json").exists() else [
         "model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny"]
-    return ["grpo", "recipes/grpo-tiny.yaml", *model, "data.heldout=null", f"algorithm.steps={steps}",
-            "algorithm.prompts_per_step=8", "algorithm.group_size=4", "train.micro_batch_size=16",
-            "rollout.max_new_tokens=32", "output.save_every=5", f"output.dir={run_dir}"]
+    return ["grpo", "recipes/grpo-tiny.yaml", *model, "data.heldout=null", "algorithm.prompts_per_step=8",
+            "algorithm.group_size=4", "train.micro_batch_size=16", "rollout.max_new_tokens=32",
+            "output.save_every=5", *overrides, f"algorithm.steps={steps}", f"output.dir={run_dir}"]
+
+
+def recipe_of(run_dir: Path) -> dict:
+    """The recipe a run was trained with (its recipe.yaml), without what does not change the computation: the
+    output directory and the Ray cluster it ran on."""
+    import yaml
+
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe["output"].pop("dir")
+    recipe["cluster"].pop("ray_address")
+    return recipe
 
 
 def launch(args: list[str], log: Path) -> subprocess.Popen:
@@ -68,7 +85,7 @@ def faulted_run(args: argparse.Namespace, run_dir: Path, log: Path) -> dict:
     launches, pending = 0, args.kills
     resume: list[str] = []
     while True:
-        driver = launch([*recipe_args(args.steps, run_dir), *resume], log)
+        driver = launch([*recipe_args(args.steps, run_dir, args.overrides), *resume], log)
         launches += 1
         resume = ["--resume"]
         while driver.poll() is None:
@@ -102,10 +119,15 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--targets", default=",".join(KINDS), help=f"comma-separated subset of {KINDS}")
     parser.add_argument("--seed", type=int, default=0, help="seed for what is killed and when")
-    parser.add_argument("--no-reference", dest="reference", action="store_false",
-                        help="skip the uninterrupted run that the faulted one is compared with")
+    parser.add_argument("--no-reference", dest="compare", action="store_false",
+                        help="skip the comparison with an uninterrupted run")
+    parser.add_argument("--reference", type=Path,
+                        help="an uninterrupted run of the same recipe to compare with, instead of making one")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "fault_inject")
+    parser.add_argument("overrides", nargs="*", help="align overrides for the recipe (after --)")
     args = parser.parse_args()
+    if args.reference is not None and not (args.reference / "metrics.jsonl").is_file():
+        parser.error(f"--reference {args.reference}: no metrics.jsonl (not a finished align grpo run)")
     if unknown := set(args.targets.split(",")) - set(KINDS):
         parser.error(f"unknown targets {sorted(unknown)}; choose from {KINDS}")
     import shutil
@@ -125,16 +147,21 @@ def main() -> int:
         reward_restarts=log.read_text().count("scoring its share again"),
         samples_lost=sum(r["reward_missing/total"] for r in metrics),
         samples_scored=sum(r["completions"] for r in metrics))
-    if args.reference:
-        reference = args.out / "reference"
-        subprocess.run([sys.executable, "-m", "align.cli", *recipe_args(args.steps, reference)], cwd=ROOT, check=True,
-                       stdout=(args.out / "reference.log").open("w"), stderr=subprocess.STDOUT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if args.compare:
+        reference = args.reference or args.out / "reference"
+        if args.reference is None:
+            subprocess.run([sys.executable, "-m", "align.cli", *recipe_args(args.steps, reference, args.overrides)],
+                           cwd=ROOT, check=True, stdout=(args.out / "reference.log").open("w"),
+                           stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        elif recipe_of(reference) != recipe_of(run_dir):
+            raise SystemExit(f"fault_inject: --reference {reference} was trained with another recipe than "
+                             f"{run_dir / 'recipe.yaml'}")
         expected = read_metrics(reference / "metrics.jsonl")
         report["same_as_uninterrupted"] = len(expected) == len(metrics) and all(
             abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(b[k])) for a, b in zip(metrics, expected) for k in LEARNING) and \
             (run_dir / "samples.jsonl").read_text() == (reference / "samples.jsonl").read_text()
-    more = subprocess.run([sys.executable, "-m", "align.cli", *recipe_args(args.steps + 2, run_dir), "--resume"],
+    more = subprocess.run([sys.executable, "-m", "align.cli", *recipe_args(args.steps + 2, run_dir, args.overrides),
+                           "--resume"],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     report["final_checkpoint_resumes"] = more.returncode == 0 and f"resumed at step {args.steps}" in more.stdout \
         and logged_steps(run_dir) == args.steps + 2

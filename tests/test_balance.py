@@ -183,6 +183,7 @@ def test_invalid_configuration_raises(kwargs: dict, message: str) -> None:
 
 # The tiny preset routes top-2 among topk_group=2 of 4 groups: the two best experts always lie in the
 # two best groups, so there its group limit never changes a choice. topk_group=1 makes it bite.
+@pytest.mark.precision
 @pytest.mark.parametrize(
     ("method", "n_group", "topk_group", "limit_bites"),
     # top-2 within 2 of 4 groups never binds (the two best experts lie in the two best groups); the

@@ -66,6 +66,7 @@ def test_malformed_jsonl_line_is_reported_with_file_and_line(tmp_path):
         next(rows)
 
 
+@pytest.mark.precision
 def test_packed_rows_give_the_same_logits_as_separate_samples(tokenizer):
     """The block-diagonal mask is real: a sample's logits do not change when others share its row."""
     from align.config.schema import ModelConfig

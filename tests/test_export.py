@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
 
 from align.config import load_sft_recipe
-from align.distributed.worker_group import WorkerGroup, start_ray, worker_env
+from align.distributed.worker_group import WorkerGroup, worker_env
 from align.trainers.sft_learner import SFTLearner
 from tests.conftest import TINY_RECIPE
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    start_ray(None, 2, 0)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.precision]
 
 
 @pytest.mark.parametrize(("zero_stage", "lora", "extra"), [
@@ -28,7 +20,7 @@ def ray_session():
     # bf16 with fp32 master weights in DeepSpeed's CPU Adam (optimizer offload), accumulating 2 micro-batches
     (2, False, ["deepspeed.precision=bf16", "deepspeed.offload_optimizer=true", "train.grad_accum=2"]),
 ])
-def test_export_reloads_to_identical_logits(ray_session, tmp_path, zero_stage, lora, extra):
+def test_export_reloads_to_identical_logits(ray_cluster, tmp_path, zero_stage, lora, extra):
     recipe = load_sft_recipe(TINY_RECIPE, [f"deepspeed.zero_stage={zero_stage}", "cluster.num_workers=1",
                                            f"lora.enabled={str(lora).lower()}", "train.lr=1e-2", *extra])
     group = WorkerGroup("export-test", 1, 1, 0, "PACK", worker_env(1), timeout_s=300)

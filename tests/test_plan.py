@@ -46,6 +46,6 @@ def test_plan_of_a_checkpoint_not_on_this_machine_is_one_line_naming_model_path(
 
     assert main(["sft", "recipes/sft-deepseek-v2-lite.yaml", "--plan"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert error == ["align: error: recipes/sft-deepseek-v2-lite.yaml: model.path: /checkpoints/DeepSeek-V2-Lite is not "
-                     "a model directory (no config.json); to plan it without the checkpoint, name a preset of its "
+    assert error == ["align: error: recipes/sft-deepseek-v2-lite.yaml: model.path: /checkpoints/DeepSeek-V2-Lite is "
+                     "not a model directory (no config.json); to plan it without the checkpoint, name a preset of its "
                      "shape: model.path=null model.preset=<deepseek-v2|deepseek-v2-lite|deepseek-v2-tiny|llama-tiny>"]

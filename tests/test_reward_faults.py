@@ -4,30 +4,19 @@ stop a GRPO run with a saved policy."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
-import ray
 
+from align.config import load_grpo_recipe
 from align.config.grpo_schema import RewardSpec
-from align.distributed.worker_group import start_ray, worker_env
+from align.distributed.worker_group import worker_env
 from align.trainers.reward_pool import RewardPool
 from rewards.base import Sample
-from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 FLAKY = "tests.helpers.rewards:flaky"
 GOOD = "tests.helpers.rewards:digit_fraction"
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    start_ray(None, 4, 0)
-    yield
-    ray.shutdown()
 
 
 def batch(n: int = 6) -> list[Sample]:
@@ -44,7 +33,7 @@ def pool(mode: str, every: int, timeout_s: float = 30, workers: int = 2) -> Rewa
     ("raise", "ValueError: flaky reward failed on purpose"),
     ("count", "returned 1 values for 3 samples"),
 ])
-def test_a_failing_call_costs_only_its_samples(ray_local, mode, message):
+def test_a_failing_call_costs_only_its_samples(ray_cluster, mode, message):
     rewards = pool(mode, every=2)
     try:
         first, second, third = (rewards.score(batch()) for _ in range(3))
@@ -58,7 +47,7 @@ def test_a_failing_call_costs_only_its_samples(ray_local, mode, message):
     assert third.failed[FLAKY] == 0  # the run goes on
 
 
-def test_a_dead_worker_is_replaced_and_its_share_scored_again(ray_local):
+def test_a_dead_worker_is_replaced_and_its_share_scored_again(ray_cluster):
     rewards = pool("die", every=2)
     try:
         first, second = rewards.score(batch()), rewards.score(batch())  # call 2 kills both workers
@@ -71,7 +60,7 @@ def test_a_dead_worker_is_replaced_and_its_share_scored_again(ray_local):
     assert second.failed[FLAKY] == 0 and second.values[FLAKY] == second.values[GOOD] == first.values[GOOD]
 
 
-def test_nan_values_are_dropped_per_sample(ray_local):
+def test_nan_values_are_dropped_per_sample(ray_cluster):
     rewards = pool("nan", every=1, workers=1)
     try:
         result = rewards.score(batch(4))
@@ -80,7 +69,7 @@ def test_nan_values_are_dropped_per_sample(ray_local):
     assert result.values[FLAKY] == [None] * 4 and result.failed[FLAKY] == 4 and result.errors == []
 
 
-def test_a_hung_reward_times_out_and_is_replaced(ray_local):
+def test_a_hung_reward_times_out_and_is_replaced(ray_cluster):
     rewards = pool("hang", every=2, timeout_s=4, workers=1)
     try:
         assert rewards.score(batch()).failed[FLAKY] == 0
@@ -95,18 +84,35 @@ def test_a_hung_reward_times_out_and_is_replaced(ray_local):
     assert after.failed[FLAKY] == 0 and after.values[FLAKY] == after.values[GOOD]
 
 
-def test_grpo_stops_with_a_saved_policy_when_rewards_keep_failing(tmp_path):
+def test_grpo_stops_with_a_saved_policy_when_rewards_keep_failing(ray_cluster, tmp_path, capsys):
+    from align.trainers.grpo import RewardFailure, run_grpo
+
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "align.cli", "grpo", "recipes/grpo-tiny.yaml", "model.path=null",
-         "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny", "data.heldout=null",
-         f"rewards=[{{name: '{GOOD}'}}, {{name: '{FLAKY}', args: {{mode: raise, every: 1}}}}]",
-         "reward_faults.max_failure_rate=0.5", "algorithm.steps=4", "algorithm.prompts_per_step=4",
-         "algorithm.dynamic_sampling=false",
-         "train.micro_batch_size=16", "rollout.max_new_tokens=8", f"output.dir={run_dir}"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "32 of 32 samples in the last 1 steps had no valid reward" in result.stderr
-    assert f"reward '{FLAKY}'" in result.stderr and "flaky reward failed on purpose" in result.stderr
+    recipe = load_grpo_recipe("recipes/grpo-tiny.yaml", [
+        "model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny", "data.heldout=null",
+        f"rewards=[{{name: '{GOOD}'}}, {{name: '{FLAKY}', args: {{mode: raise, every: 1}}}}]",
+        "reward_faults.max_failure_rate=0.5", "algorithm.steps=4", "algorithm.prompts_per_step=4",
+        "algorithm.dynamic_sampling=false", "cluster.num_workers=1",
+        "train.micro_batch_size=16", "rollout.max_new_tokens=8", f"output.dir={run_dir}"])
+    with pytest.raises(RewardFailure, match="32 of 32 samples in the last 1 steps had no valid reward") as stopped:
+        run_grpo(recipe)
+    assert f"policy: {run_dir / 'stopped'}" in str(stopped.value)
+    errors = capsys.readouterr().err
+    assert f"reward '{FLAKY}'" in errors and "flaky reward failed on purpose" in errors
     assert (run_dir / "stopped" / "model.safetensors").is_file()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_the_command_exits_1_naming_the_reward_failure(monkeypatch, capsys, tmp_path):
+    """What `align grpo` does with the error above: one line on stderr and exit code 1 (nothing else runs)."""
+    import align.trainers.grpo as grpo
+    from align.cli import main
+
+    def stop(recipe, resume):
+        raise grpo.RewardFailure("32 of 32 samples in the last 1 steps had no valid reward")
+
+    monkeypatch.setattr(grpo, "run_grpo", stop)
+    assert main(["grpo", "recipes/grpo-tiny.yaml", "model.path=null", "model.preset=deepseek-v2-tiny",
+                 "model.tokenizer=data/tokenizer-tiny", f"output.dir={tmp_path}"]) == 1
+    errors = capsys.readouterr().err.splitlines()  # other lines may be Ray workers' late output from earlier tests
+    assert "align: error: 32 of 32 samples in the last 1 steps had no valid reward" in errors

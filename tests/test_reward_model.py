@@ -144,6 +144,7 @@ def texts(n: int) -> list[Sample]:
     return [Sample(PROMPT, "4 " * (1 + 3 * i) + "#### 4") for i in range(n)]
 
 
+@pytest.mark.precision
 def test_reward_model_scores_independently_of_batching(tmp_path, tokenizer):
     save_untrained_reward_model(tmp_path / "rm", tokenizer)
     samples = texts(5)
@@ -162,26 +163,20 @@ def test_reward_model_scores_independently_of_batching(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
-def test_reward_model_in_ray_reward_workers(tmp_path, tokenizer):
-    import ray
-
+def test_reward_model_in_ray_reward_workers(ray_cluster, tmp_path, tokenizer):
     from align.config.grpo_schema import RewardSpec
-    from align.distributed.worker_group import start_ray, worker_env
+    from align.distributed.worker_group import worker_env
     from align.trainers.reward_pool import RewardPool
 
     save_untrained_reward_model(tmp_path / "rm", tokenizer)
     samples = texts(6)
     expected = RewardModel(str(tmp_path / "rm"))(samples).values
-    start_ray(None, 2, 0)
+    pool = RewardPool([RewardSpec(name="reward_model", args={"path": str(tmp_path / "rm"), "batch_size": 2},
+                                  num_workers=2, timeout_s=120)], "PACK", worker_env(1))
     try:
-        pool = RewardPool([RewardSpec(name="reward_model", args={"path": str(tmp_path / "rm"), "batch_size": 2},
-                                      num_workers=2, timeout_s=120)], "PACK", worker_env(1))
-        try:
-            result = pool.score(samples)
-        finally:
-            pool.shutdown()
+        result = pool.score(samples)
     finally:
-        ray.shutdown()
+        pool.shutdown()
     assert result.errors == [] and result.failed == {"reward_model": 0}
     assert result.values["reward_model"] == pytest.approx(expected, abs=1e-5)
 
@@ -193,12 +188,13 @@ def run_align(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_align_rm_learns_to_rank_heldout_pairs(tmp_path):
+def test_align_rm_learns_to_rank_heldout_pairs(ray_cluster, tmp_path):
     """The recipe on the dense llama-tiny preset: the fresh 1M-parameter DeepSeek-V2 tiny needs about 400 steps
     at the lr it tolerates (1e-3) to pass 0.8 (2m45s here), llama-tiny trains at 2e-3 and passes it in 250.
     The MoE reward model's balance losses and ZeRO-3 are covered by the point-wise test below."""
     run_dir = tmp_path / "run"
-    result = run_align("rm", str(RM_RECIPE), f"output.dir={run_dir}", "model.preset=llama-tiny", "train.lr=2e-3",
+    result = run_align("rm", str(RM_RECIPE), f"output.dir={run_dir}", f"cluster.ray_address={ray_cluster}",
+                       "model.preset=llama-tiny", "train.lr=2e-3",
                        "train.max_steps=250")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LlamaForSequenceClassification" in result.stdout and "2 x DeepSpeed ZeRO-2 on gloo" in result.stdout
@@ -223,7 +219,7 @@ def test_align_rm_learns_to_rank_heldout_pairs(tmp_path):
 
 
 @pytest.mark.slow
-def test_align_rm_pointwise_bce_under_zero3(tmp_path):
+def test_align_rm_pointwise_bce_under_zero3(ray_cluster, tmp_path):
     """Point-wise rows (chosen -> 1, rejected -> 0) under ZeRO-3 with an uneven held-out split: the
     collectives line up, and the export loads."""
     rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
@@ -232,7 +228,8 @@ def test_align_rm_pointwise_bce_under_zero3(tmp_path):
     train = write_rows(tmp_path / "train.jsonl", points[:64])
     heldout = write_rows(tmp_path / "heldout.jsonl", points[64:75])  # 11 rows: shards of 6 and 5
     run_dir = tmp_path / "run"
-    result = run_align("rm", str(RM_RECIPE), f"output.dir={run_dir}", f"data.train=[{train}]",
+    result = run_align("rm", str(RM_RECIPE), f"output.dir={run_dir}", f"cluster.ray_address={ray_cluster}",
+                       f"data.train=[{train}]",
                        f"data.heldout={heldout}", "train.loss=bce", "train.max_steps=3", "deepspeed.zero_stage=3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MoE (balance losses on), bce loss, 2 x DeepSpeed ZeRO-3 on gloo" in result.stdout

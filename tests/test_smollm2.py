@@ -3,7 +3,9 @@ and align's own loaders read, computing what the GGUF model computes."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -31,33 +33,39 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def conversion(tmp_path_factory) -> tuple[Path, torch.nn.Module, object]:
+    """The script's conversion, run once in this process (its command line is run by test_refuses_to_overwrite):
+    the checkpoint directory, and the model as the script read it from the GGUF file, to compare with."""
+    spec = importlib.util.spec_from_file_location("convert_smollm2", SCRIPT)
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
-    result = run_script("--out", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "134.5M params, float32" in result.stdout
-    return out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        gguf_model, _ = converter.convert(out, "float32", force=False)
+    assert "134.5M params, float32" in printed.getvalue()
+    gguf_file = converter.packaged_gguf()
+    # The GGUF tokenizer as transformers reads it, before the script's fixes.
+    from transformers import AutoTokenizer
+
+    return out, gguf_model, AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
 
 
 @pytest.fixture(scope="module")
-def converter():
-    """The script as a module, to load the GGUF reference exactly as the conversion did."""
-    spec = importlib.util.spec_from_file_location("convert_smollm2", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def checkpoint(conversion) -> Path:
+    return conversion[0]
 
 
-def test_checkpoint_matches_gguf_model(checkpoint, converter):
+def test_checkpoint_matches_gguf_model(conversion):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    checkpoint, gguf_model, gguf_tokenizer = conversion
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>user\nWhat is 12 + 30? Answer with a number.<|im_end|>\n"
                          "<|im_start|>assistant\n")
     input_ids = tokenizer(text, return_tensors="pt")["input_ids"]  # [1, seq]
 
-    gguf_model, gguf_tokenizer = converter.load_gguf(converter.packaged_gguf(), torch.float32)
     # Same vocabulary and merges: text without whitespace before digits tokenizes identically.
     assert gguf_tokenizer(text, return_tensors="pt")["input_ids"].equal(input_ids)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)

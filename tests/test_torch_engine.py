@@ -13,6 +13,7 @@ from align.models.loading import build_model
 from rollout.torch_engine import SamplingConfig, TorchEngine, top_p_filter
 from tests.helpers.greedy import assert_greedy_path, teacher_forced_logp
 
+pytestmark = pytest.mark.precision
 TOL = 1e-4  # fp32 log-probs of a padded batch with a KV cache against one row without (also the near-tie margin)
 PROMPTS = ["State the final answer to the following arithmetic problem: 12 + 7 =", "Hello there", "How many legs?"]
 

@@ -17,6 +17,7 @@ import torch
 from align.rl.advantages import group_advantages, handle_truncated, overlong_penalty
 from align.rl.losses import policy_loss, truncated_is_weights
 
+pytestmark = pytest.mark.precision
 GROUP_SIZE = 3
 BATCH, TOKENS = 6, 5
 CURRENT_REWARDS: list[float] = []

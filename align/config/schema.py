@@ -69,7 +69,8 @@ class ClusterConfig:
     cpus_per_worker: float = option(1, "Ray CPUs reserved per learner")
     gpus_per_worker: float = option(0, "Ray GPUs per learner (0 on CPU machines)")
     backend: Literal["auto", "gloo", "nccl"] = option("auto", "torch.distributed backend; auto: nccl on GPU")
-    ray_address: str | None = option(None, "existing Ray cluster address; None starts Ray locally")
+    ray_address: str | None = option(None, "existing Ray cluster address; None joins $RAY_ADDRESS if set, "
+                                                "else starts Ray locally")
     threads_per_worker: int = option(1, "torch threads per learner process")
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
         "PACK", "Ray placement-group strategy for the learners")

@@ -102,9 +102,18 @@ class WorkerGroup:
         return self._get([self.actors[0].address.remote()], "address")[0]
 
     def construct(self, cls: type, per_rank_kwargs: Sequence[dict[str, Any]]) -> None:
+        """Build `cls(**per_rank_kwargs[rank])` on every rank and wait for all of them."""
+        self.start(cls, per_rank_kwargs)
+        self.ready()
+
+    def start(self, cls: type, per_rank_kwargs: Sequence[dict[str, Any]]) -> None:
+        """Begin building the objects without waiting (`ready` waits), so that several groups build at once."""
         self._made = (cls, list(per_rank_kwargs))
-        refs = [actor.construct.remote(cls, **kwargs) for actor, kwargs in zip(self.actors, per_rank_kwargs)]
-        self._get(refs, f"{cls.__name__}()")
+        self._building = [actor.construct.remote(cls, **kwargs) for actor, kwargs in zip(self.actors, per_rank_kwargs)]
+
+    def ready(self) -> None:
+        """Wait until the objects `start` began building exist (raises naming the rank that failed)."""
+        self._get(self._building, f"{self._made[0].__name__}()")
 
     def restart(self, rank: int) -> None:
         """Replace rank `rank`'s actor (hung or dead) by a new one in the same bundle, built as before."""
@@ -188,9 +197,11 @@ class WorkerGroup:
 
 
 def start_ray(address: str | None, num_cpus: float, num_gpus: float) -> None:
-    """Join `address`, or start a private local Ray with enough logical CPUs for the requested workers."""
+    """Join `address` (else the cluster in RAY_ADDRESS, as Ray's own tools and `ray job submit` set it), or start
+    a private local Ray with enough logical CPUs for the requested workers."""
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return

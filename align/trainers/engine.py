@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from typing import Any
 
 import numpy as np
@@ -94,10 +95,31 @@ def build_policy_engine(model_cfg: ModelConfig, lora: LoRAConfig, ds: DeepSpeedC
     return build_engine(model, moe_classes, ds, train, world_size, total_steps), moe_classes
 
 
+def import_muon_uncompiled() -> None:
+    """DeepSpeed's ZeRO optimizers import its Muon optimizer to recognise one, and that module wraps three kernels
+    in torch.compile as it is imported, which loads inductor: about 4 CPU-seconds at every learner's start.
+    align never builds Muon, so the module is imported once with DeepSpeed's compile decorator made the identity
+    (its functions exist and run, eagerly); DeepSpeed's later imports of it find it loaded."""
+    from deepspeed.runtime import compiler
+
+    if "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules or not hasattr(compiler, "compile"):
+        return
+    compile_decorator = compiler.compile
+    compiler.compile = lambda: (lambda function: function)
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:  # a DeepSpeed without Muon: nothing to skip
+        pass
+    finally:
+        compiler.compile = compile_decorator
+
+
 def build_engine(model: nn.Module, moe_classes: list[type[nn.Module]], ds: DeepSpeedConfig, train: OptimConfig,
                  world_size: int, total_steps: int) -> Any:
     """Any model (policy, reward model) in a DeepSpeed engine: ZeRO-3 leaf MoE blocks, AdamW, lr schedule."""
     import deepspeed
+
+    import_muon_uncompiled()
 
     if moe_classes and ds.zero_stage == 3:
         from deepspeed.utils import set_z3_leaf_modules

@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -109,19 +110,27 @@ class GRPORun:
         self.engines = WorkerGroup("rollout", rollout.num_workers, rollout.cpus_per_worker, rollout.gpus_per_worker,
                                    cluster.placement, worker_env(rollout.threads_per_worker), cluster.call_timeout_s,
                                    colocate_with=self.learners if self.colocated else None)
-        self.rewards = RewardPool(recipe.rewards, cluster.placement, worker_env(1))
         self.missing_rewards: deque[tuple[int, int]] = deque(maxlen=recipe.reward_faults.window)
         self.control = RunControl("align grpo", recipe.train.max_nonfinite_in_row)
         self.reward_restarts = 0
+        # Learners, engines and reward workers are built at the same time, each in its own processes (start-up is
+        # imports and model building; a GPU engine's start is tens of seconds); except that colocated engines
+        # wait for their learners: vLLM sizes its KV cache from the device memory it finds free.
         address, port = self.learners.rendezvous()
         world = cluster.num_workers
-        self.learners.construct(GRPOLearner, [
+        self.learners.start(GRPOLearner, [
             {"recipe": recipe, "rank": rank, "world_size": world, "master_addr": address, "master_port": port}
             for rank in range(world)])
+        if self.colocated:
+            self.learners.ready()
         self.engine_kind = choose_engine(rollout.engine, recipe.model, on_gpu=rollout.gpus_per_worker > 0)
-        self.engines.construct(make_engine, [{"model_config": recipe.model, "engine": self.engine_kind,
-                                              "threads": rollout.threads_per_worker, **rollout.vllm_options()}]
-                               * rollout.num_workers)
+        self.engines.start(make_engine, [{"model_config": recipe.model, "engine": self.engine_kind,
+                                          "threads": rollout.threads_per_worker, **rollout.vllm_options()}]
+                           * rollout.num_workers)
+        self.rewards = RewardPool(recipe.rewards, cluster.placement, worker_env(1), wait=False)
+        self.learners.ready()
+        self.engines.ready()
+        self.rewards.ready()
         self.rollout = RolloutPool(self.engines, rollout.max_restarts)
         self.sync_weights()
 
@@ -308,6 +317,16 @@ class GRPORun:
 
 
 def run_grpo(recipe: GRPORecipe, resume: bool = False) -> dict[str, Any]:
+    """`align grpo RECIPE [--resume]`: train, with Ctrl-C/SIGTERM ending in a checkpoint."""
+    with grpo_session(recipe, resume) as (run, run_dir, latest), run.control:
+        return train(run, run_dir, latest)
+
+
+@contextmanager
+def grpo_session(recipe: GRPORecipe, resume: bool = False) -> Iterator[tuple[GRPORun, Path, Path | None]]:
+    """Everything around the training loop: the prompts checked (before anything is written or started), the
+    run directory prepared or reopened, the recipe saved, the workers built. Yields (run, run directory, the
+    checkpoint to resume from or None); the workers are shut down on exit."""
     prompts = load_prompt_sets(recipe.data, load_tokenizer(recipe.model.tokenizer or recipe.model.path))
     if prompts.skipped:
         print(f"align grpo: skipped {len(prompts.skipped)} bad prompt rows (data.skip_bad_rows); first: "
@@ -319,13 +338,14 @@ def run_grpo(recipe: GRPORecipe, resume: bool = False) -> dict[str, Any]:
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
     run = GRPORun(recipe, prompts)
     try:
-        with run.control:
-            return _train(run, run_dir, latest)
+        yield run, run_dir, latest
     finally:
         run.shutdown()
 
 
-def _train(run: GRPORun, run_dir: Path, latest: Path | None) -> dict[str, Any]:
+def train(run: GRPORun, run_dir: Path, latest: Path | None) -> dict[str, Any]:
+    """The training loop from step 0 or from `latest`: steps, logs, checkpoints, held-out accuracy before and
+    after, the exported model and the curves; returns the run's summary."""
     recipe, steps = run.recipe, run.recipe.algorithm.steps
     start = run.resume(latest) if latest else 0
     for log_file in ("metrics.jsonl", "samples.jsonl"):

@@ -27,14 +27,22 @@ class RewardValues:
 
 
 class RewardPool:
-    def __init__(self, specs: list[RewardSpec], placement: str, env: dict[str, str]):
+    def __init__(self, specs: list[RewardSpec], placement: str, env: dict[str, str], wait: bool = True):
+        """One worker group per reward, all built at once; with `wait=False` they are still being built when
+        this returns (`ready` waits), so that they start beside the learners and engines."""
         self.specs = specs
         self.groups = []
         for index, spec in enumerate(specs):
             group = WorkerGroup(f"reward-{index}-{spec.name.replace(':', '.')}", spec.num_workers,
                                 spec.cpus_per_worker, spec.gpus_per_worker, placement, env, spec.timeout_s)
-            group.construct(RewardWorker, [{"name": spec.name, "args": spec.args}] * spec.num_workers)
+            group.start(RewardWorker, [{"name": spec.name, "args": spec.args}] * spec.num_workers)
             self.groups.append(group)
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        for group in self.groups:
+            group.ready()
 
     def score(self, samples: list[Sample]) -> RewardValues:
         started = time.monotonic()

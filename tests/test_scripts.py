@@ -1,0 +1,78 @@
+"""Every benchmark and the fault-injection script in scripts/ run as documented, in a smoke mode: a couple of
+steps each, so that a command the README gives cannot rot unnoticed. These assert that each runs to the end
+and reports what it says it reports, not its figures (those are measured on a quiet machine: README,
+docs/benchmarks.md). Each is one command line, as a user would type it, with fewer steps. The fault-injection
+script's smoke run is in tests/test_reliability.py, beside the uninterrupted run it compares with."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def script(name: str, *args: str, ray_address: str | None = None, timeout: int = 600) -> str:
+    """`python scripts/NAME ARGS` from the repository root with one thread per process; its output. With
+    `ray_address`, the `align` runs it starts join that Ray (RAY_ADDRESS) instead of starting their own."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    result = subprocess.run([sys.executable, f"scripts/{name}", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    return result.stdout
+
+
+def test_bench_grpo_runs_align_and_trl_and_reports_the_ratio(ray_cluster, tmp_path):
+    out = tmp_path / "bench_grpo.json"
+    stdout = script("bench_grpo.py", "--steps", "2", "--warmup", "1", "--out", str(out), ray_address=ray_cluster)
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"align", "trl"} and report["settings"]["zero_stage"] == 2
+    for side in report["results"].values():
+        assert side["steps_measured"] == 1 and side["completions_per_s"] > 0 and side["phases_s"]
+    assert report["ratios"]["completions_per_s"] > 0 and "align / TRL =" in stdout
+    assert report["results"]["trl"]["prompt_check"].startswith("TRL prompt tokens == align's")
+
+
+def test_bench_sft_runs_every_mode_and_checks_the_labels(ray_cluster, tmp_path):
+    out = tmp_path / "bench_sft.json"
+    modes = ["align", "trl-packed", "trl-unpacked", "trl-wrapped"]  # the README's command
+    script("bench_sft.py", "--steps", "3", "--warmup", "1", "--modes", ",".join(modes), "--out", str(out),
+           ray_address=ray_cluster)
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == modes and set(report["ratios"]) == {f"align/{m}" for m in modes[1:]}
+    assert all(r["tokens_per_s"] > 0 for r in report["results"].values())
+    assert all("label_check" in report["results"][m] for m in modes[1:])
+
+
+def test_bench_sft_memory_measures_every_role_at_each_size(tmp_path):
+    """Its own Ray (no ray_address): it measures the whole process tree of each run."""
+    out = tmp_path / "bench_sft_memory.json"
+    script("bench_sft_memory.py", "--rows", "1000", "--steps", "4", "--out", str(out))  # one size: one run
+    report = json.loads(out.read_text())
+    runs = report["results"]
+    assert [r["rows"] for r in runs] == [1000] and all(r["steps"] == 4 for r in runs)
+    assert all(r["rss_mib"]["total"] > r["rss_mib"]["learner"] > 0 and r["learner_processes"] == 1 for r in runs)
+    assert set(report["ratio_largest_over_smallest"]) >= {"rss driver", "rss learner", "rss total"}
+
+
+def test_bench_sandbox_scores_canonical_solutions(tmp_path):
+    out = tmp_path / "bench_sandbox.json"
+    script("bench_sandbox.py", "--samples", "4", "--workers", "1", "--starts", "4", "--repeats", "1",
+           "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["what"] for r in rows][-1] == "code_execution, 1 worker" and all(r["executions_per_s"] > 0 for r in rows)
+
+
+def test_gpu_check_stages_run_on_the_cpu(tmp_path):
+    script("gpu_check.py", "--cpu", "--stages", "tiny", "--out", str(tmp_path))
+    stages = json.loads((Path(tmp_path) / "gpu_check.json").read_text())["stages"]
+    assert set(stages) == {"tiny/sft", "tiny/grpo"} and not any("error" in stage for stage in stages.values()), stages
