@@ -11,14 +11,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1
+# Two pytest workers (the machine's two cores); the tests of one module, and of modules sharing a run
+# (tests/conftest.py: XDIST_GROUPS), stay on one worker. ALIGN_TEST_WORKERS=0 runs in one process.
+workers=${ALIGN_TEST_WORKERS:-2}
+parallel=""
+if [[ $workers != 0 ]]; then parallel="-n $workers --dist loadgroup"; fi
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q -ra "$@"
+.venv/bin/python -m pytest -q -ra $parallel "$@"
 leg=${ALIGN_AVX2_LEG:-auto}
 if [[ $leg == always ]] || { [[ $leg == auto && $# -eq 0 ]] && grep -qw avx512f /proc/cpuinfo; }; then
   limit=$(.venv/bin/python -c "from rollout.cpu_kernels import LIMIT_TO_AVX2 as l; print(*(f'{k}={v}' for k, v in l.items()))")
   echo "test.sh: AVX2 leg: the precision tests again with $limit"
-  # shellcheck disable=SC2086  # the assignments are meant to split
-  env $limit .venv/bin/python -m pytest -q -ra -m precision "$@"
+  # shellcheck disable=SC2086  # the assignments and options are meant to split
+  env $limit .venv/bin/python -m pytest -q -ra $parallel -m precision "$@"
 elif [[ $leg == auto && $# -eq 0 ]]; then
   echo "test.sh: no AVX2 leg: this CPU has no AVX-512, so the run above used the AVX2 kernels (ALIGN_AVX2_LEG=always reruns anyway)"
 fi

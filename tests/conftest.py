@@ -50,6 +50,7 @@ def pytest_report_header(config) -> str:
 XDIST_GROUPS = {"test_vllm_load.py": "test_sft_ray.py", "test_scripts.py": "test_sandbox.py"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(item.path.name, item.path.name)))

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from align.config import RecipeError, load_sft_recipe
-from tests.conftest import TINY_RECIPE
+from align.config import RecipeError, SFTRecipe, load_recipe, load_sft_recipe
+from tests.conftest import ROOT, TINY_RECIPE
 
 
 def write(tmp_path, text: str):
@@ -174,3 +174,14 @@ def test_zero_stage_0_in_fp32_is_refused_for_lack_of_a_nan_check():
         load_sft_recipe(TINY_RECIPE, ["deepspeed.zero_stage=0"])
     bf16 = load_sft_recipe(TINY_RECIPE, ["deepspeed.zero_stage=0", "deepspeed.precision=bf16"])
     assert bf16.deepspeed.zero_stage == 0
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_recipe_loads_under_its_schema(recipe):
+    """Keys and types of every recipe in recipes/ (the files they name are checked when a run starts; some are
+    made first, by the demo or by scripts/convert_smollm2.py)."""
+    from align.config.grpo_schema import GRPORecipe
+    from align.config.rm_schema import RMRecipe
+
+    schema = {"sft": SFTRecipe, "grpo": GRPORecipe, "rm": RMRecipe}[recipe.name.split("-")[0]]
+    assert isinstance(load_recipe(schema, recipe, []), schema)
