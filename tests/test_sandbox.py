@@ -32,6 +32,7 @@ from rewards.sandbox import (
     sandbox_python,
 )
 from tests.conftest import ROOT
+from tests.helpers.processes import script
 
 ADD_ROW = {
     "code_prompt": 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n',
@@ -326,3 +327,11 @@ def test_fails_closed_without_root_unless_weaker_mode_is_chosen(monkeypatch):
     finally:
         sandbox_python.cache_clear()
 
+
+@pytest.mark.slow
+def test_bench_sandbox_scores_canonical_solutions(tmp_path):
+    out = tmp_path / "bench_sandbox.json"
+    script("bench_sandbox.py", "--samples", "4", "--workers", "1", "--starts", "4", "--repeats", "1",
+           "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["what"] for r in rows][-1] == "code_execution, 1 worker" and all(r["executions_per_s"] > 0 for r in rows)

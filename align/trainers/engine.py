@@ -105,11 +105,11 @@ def import_muon_uncompiled() -> None:
     if "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules or not hasattr(compiler, "compile"):
         return
     compile_decorator = compiler.compile
-    compiler.compile = lambda: (lambda function: function)
+    compiler.compile = lambda *args, **kwargs: (lambda function: function)
     try:
         import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
-    except ImportError:  # a DeepSpeed without Muon: nothing to skip
-        pass
+    except Exception:  # noqa: BLE001  a DeepSpeed without Muon, or one whose module this does not fit: import as is
+        sys.modules.pop("deepspeed.runtime.zero.muon.muon_optimizer", None)
     finally:
         compiler.compile = compile_decorator
 

@@ -32,7 +32,7 @@ from align import checkpoint
 from align.config.grpo_schema import GRPORecipe
 from align.config.loader import to_dict
 from align.data.prompts import Prompt, PromptSampler, PromptSets, load_prompt_sets
-from align.distributed.worker_group import WorkerError, WorkerGroup, start_ray, worker_env
+from align.distributed.worker_group import WorkerError, WorkerGroup, start_ray, wait_built, worker_env
 from align.metrics import JsonlLog, MetricsLog, plot_curves
 from align.models.loading import load_tokenizer
 from align.rl.advantages import group_advantages, handle_truncated, select_informative_groups, zero_std_groups
@@ -103,36 +103,52 @@ class GRPORun:
         self.colocated = rollout.placement == "colocated"
         hosted = [len(range(i, rollout.num_workers, cluster.num_workers)) for i in range(cluster.num_workers)]
         engine_share = [{"CPU": n * rollout.cpus_per_worker, "GPU": n * rollout.gpus_per_worker} for n in hosted]
-        self.learners = WorkerGroup("grpo-learners", cluster.num_workers, cluster.cpus_per_worker,
-                                    cluster.gpus_per_worker, cluster.placement,
-                                    worker_env(cluster.threads_per_worker), cluster.call_timeout_s,
-                                    reserve_extra=engine_share if self.colocated else None)
-        self.engines = WorkerGroup("rollout", rollout.num_workers, rollout.cpus_per_worker, rollout.gpus_per_worker,
-                                   cluster.placement, worker_env(rollout.threads_per_worker), cluster.call_timeout_s,
-                                   colocate_with=self.learners if self.colocated else None)
         self.missing_rewards: deque[tuple[int, int]] = deque(maxlen=recipe.reward_faults.window)
         self.control = RunControl("align grpo", recipe.train.max_nonfinite_in_row)
         self.reward_restarts = 0
-        # Learners, engines and reward workers are built at the same time, each in its own processes (start-up is
-        # imports and model building; a GPU engine's start is tens of seconds); except that colocated engines
-        # wait for their learners: vLLM sizes its KV cache from the device memory it finds free.
+        self.engine_kind = choose_engine(rollout.engine, recipe.model, on_gpu=rollout.gpus_per_worker > 0)
+        self._groups: list[WorkerGroup] = []  # built so far: shut down if building fails
+        try:
+            self._build_workers(recipe, engine_share)
+            self.rollout = RolloutPool(self.engines, rollout.max_restarts)
+            self.sync_weights()
+        except BaseException:
+            for group in reversed(self._groups):
+                group.shutdown()
+            raise
+
+    def _build_workers(self, recipe: GRPORecipe, engine_share: list[dict[str, float]]) -> None:
+        """Learners, reward workers and engines are built at the same time, each in its own processes (start-up
+        is imports and model building; a GPU engine's start is tens of seconds); except that an engine waits for
+        what shares its devices, as vLLM sizes its KV cache from the memory it finds free: colocated, the
+        learners; the reward workers that hold GPUs."""
+        cluster, rollout = recipe.cluster, recipe.rollout
+        self.learners = self._track(WorkerGroup(
+            "grpo-learners", cluster.num_workers, cluster.cpus_per_worker, cluster.gpus_per_worker, cluster.placement,
+            worker_env(cluster.threads_per_worker), cluster.call_timeout_s,
+            reserve_extra=engine_share if self.colocated else None))
         address, port = self.learners.rendezvous()
         world = cluster.num_workers
         self.learners.start(GRPOLearner, [
             {"recipe": recipe, "rank": rank, "world_size": world, "master_addr": address, "master_port": port}
             for rank in range(world)])
-        if self.colocated:
-            self.learners.ready()
-        self.engine_kind = choose_engine(rollout.engine, recipe.model, on_gpu=rollout.gpus_per_worker > 0)
+        self.rewards = RewardPool(recipe.rewards, cluster.placement, worker_env(1), wait=False)
+        self._groups.extend(self.rewards.groups)
+        before_engines = [self.learners] if self.colocated else []
+        before_engines += [g for g, spec in zip(self.rewards.groups, recipe.rewards) if spec.gpus_per_worker > 0]
+        wait_built(before_engines)
+        self.engines = self._track(WorkerGroup(
+            "rollout", rollout.num_workers, rollout.cpus_per_worker, rollout.gpus_per_worker, cluster.placement,
+            worker_env(rollout.threads_per_worker), cluster.call_timeout_s,
+            colocate_with=self.learners if self.colocated else None))
         self.engines.start(make_engine, [{"model_config": recipe.model, "engine": self.engine_kind,
                                           "threads": rollout.threads_per_worker, **rollout.vllm_options()}]
                            * rollout.num_workers)
-        self.rewards = RewardPool(recipe.rewards, cluster.placement, worker_env(1), wait=False)
-        self.learners.ready()
-        self.engines.ready()
-        self.rewards.ready()
-        self.rollout = RolloutPool(self.engines, rollout.max_restarts)
-        self.sync_weights()
+        wait_built([self.learners, self.engines, *self.rewards.groups])  # the first failure in any of them stops
+
+    def _track(self, group: WorkerGroup) -> WorkerGroup:
+        self._groups.append(group)
+        return group
 
     def sync_weights(self) -> None:
         """Learners gather the policy (collective); rank 0's copy goes to every engine via the object store."""

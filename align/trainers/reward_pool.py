@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from align.config.grpo_schema import RewardSpec
-from align.distributed.worker_group import WorkerError, WorkerGroup
+from align.distributed.worker_group import WorkerError, WorkerGroup, wait_built
 from rewards.base import Sample
 from rewards.worker import RewardWorker
 
@@ -31,18 +31,21 @@ class RewardPool:
         """One worker group per reward, all built at once; with `wait=False` they are still being built when
         this returns (`ready` waits), so that they start beside the learners and engines."""
         self.specs = specs
-        self.groups = []
-        for index, spec in enumerate(specs):
-            group = WorkerGroup(f"reward-{index}-{spec.name.replace(':', '.')}", spec.num_workers,
-                                spec.cpus_per_worker, spec.gpus_per_worker, placement, env, spec.timeout_s)
-            group.start(RewardWorker, [{"name": spec.name, "args": spec.args}] * spec.num_workers)
-            self.groups.append(group)
-        if wait:
-            self.ready()
+        self.groups: list[WorkerGroup] = []
+        try:
+            for index, spec in enumerate(specs):
+                group = WorkerGroup(f"reward-{index}-{spec.name.replace(':', '.')}", spec.num_workers,
+                                    spec.cpus_per_worker, spec.gpus_per_worker, placement, env, spec.timeout_s)
+                self.groups.append(group)
+                group.start(RewardWorker, [{"name": spec.name, "args": spec.args}] * spec.num_workers)
+            if wait:
+                self.ready()
+        except BaseException:
+            self.shutdown()
+            raise
 
     def ready(self) -> None:
-        for group in self.groups:
-            group.ready()
+        wait_built(self.groups)
 
     def score(self, samples: list[Sample]) -> RewardValues:
         started = time.monotonic()

@@ -7,7 +7,9 @@ fails on one CPU and passes on another without either being wrong. So the refere
 the engine's own tokens and, at every position,
 - the engine's pick is the reference's argmax unless the reference ranks it at most `tol` below its best
   (so wherever the reference's top-2 margin exceeds `tol`, the pick must be exactly the argmax), and
-- the log-prob the engine reports for its pick equals the reference's to within `tol`.
+- the log-prob the engine reports for its pick equals the reference's to within `tol`;
+and the decode stopped where it should (`assert_stopped`): at its first end-of-sequence token or at the token
+limit. (An exact comparison of two token lists checked both at once.)
 """
 
 from __future__ import annotations
@@ -42,3 +44,13 @@ def assert_greedy_path(tokens: list[int], reference_logp: torch.Tensor, tol: flo
     if engine_logprobs is not None:
         torch.testing.assert_close(torch.tensor(engine_logprobs, dtype=torch.float32), picked, rtol=0, atol=tol)
     return int((below_best > 0).sum())
+
+
+def assert_stopped(tokens: list[int], eos: int, max_new: int, finished: bool | None = None) -> None:
+    """The decode ended at its first `eos` or, with none, after exactly `max_new` tokens; `finished` (the engine's
+    own flag, when given) says which."""
+    assert eos not in tokens[:-1], f"generation went on after end-of-sequence at {tokens.index(eos)}: {tokens}"
+    ended = bool(tokens) and tokens[-1] == eos
+    assert ended or len(tokens) == max_new, f"stopped after {len(tokens)} of {max_new} tokens without eos: {tokens}"
+    if finished is not None:
+        assert finished == ended, f"finished={finished} but the last token is {tokens[-1]} (eos {eos})"

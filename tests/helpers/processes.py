@@ -1,4 +1,6 @@
-"""Running `align` as a real process for tests that kill, signal and resume it, and comparing runs."""
+"""Running `align` and the scripts as real processes for tests that kill, signal and resume them, and comparing
+runs. The test session never inherits a RAY_ADDRESS (tests/conftest.py removes it): a process joins a Ray only
+when given one."""
 
 from __future__ import annotations
 
@@ -25,6 +27,18 @@ def launch(command: str, args: list[str], run_dir: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "align.cli", command, *args, f"output.dir={run_dir}"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def script(name: str, *args: str, ray_address: str | None = None, timeout: int = 600) -> str:
+    """`python scripts/NAME ARGS` from the repository root with one thread per process; its output. With
+    `ray_address`, the `align` runs it starts join that Ray (RAY_ADDRESS) instead of starting their own."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    result = subprocess.run([sys.executable, f"scripts/{name}", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    return result.stdout
 
 
 def finish(process: subprocess.Popen, run_dir: Path, timeout: float = 600) -> tuple[int, str]:

@@ -4,8 +4,8 @@ Run as its own process (vLLM owns the process while it runs):
     python tests/helpers/vllm_greedy.py MODEL_DIR OUT.pt PROMPT [PROMPT ...]
 
 OUT.pt holds per prompt: `tokens` (vLLM's greedy tokens), `logprobs` (the log-probs vLLM reports for them)
-and `reference_logp` ([tokens, vocab]: transformers' log softmax along the same tokens, from the same files),
-for `tests.helpers.greedy.assert_greedy_path`.
+`reference_logp` ([tokens, vocab]: transformers' log softmax along the same tokens, from the same files), and
+`eos`, `max_tokens`, `finished` (vLLM stopped at a stop token), for `tests.helpers.greedy`'s two checks.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def main() -> None:
     results = []
     for prompt_ids, output in zip(ids, outputs):
         tokens = list(output.token_ids)
-        results.append({"tokens": tokens,
+        results.append({"tokens": tokens, "eos": tokenizer.eos_token_id, "max_tokens": params.max_tokens,
+                        "finished": output.finish_reason == "stop",
                         "logprobs": [step[token].logprob for step, token in zip(output.logprobs, tokens)],
                         "reference_logp": teacher_forced_logp(model, prompt_ids, tokens)})
     torch.save(results, out)
