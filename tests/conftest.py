@@ -47,19 +47,6 @@ def pytest_report_header(config) -> str:
     return cpu_kernels()
 
 
-# The longest files first (`--durations`, docs/benchmarks.md): with `--dist loadfile` pytest-xdist hands files to
-# its workers in collection order, and a long file handed out last keeps one worker busy while the other idles.
-LONGEST_FIRST = ("test_reliability.py", "test_reward_model.py", "test_sft_ray.py", "test_grpo_ray.py",
-                 "test_scripts.py")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    first = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: each file's own order is kept
-
-
-
-
 @pytest.fixture(scope="session")
 def plugin_path(tmp_path_factory) -> Path:
     """The example reward plug-in (tests/plugin_example), pip-installed once into a directory of its own, as a
