@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.greedy import assert_greedy_path
+from tests.helpers.greedy import assert_greedy_path, assert_stopped
 
 # Three positions over a vocabulary of 3: a clear winner, a near-tie (0.004 apart, as seen on an AVX2 CPU),
 # and another clear winner.
@@ -29,3 +29,12 @@ def test_the_engines_log_probs_must_match_the_reference():
     assert_greedy_path([0, 1, 2], REFERENCE, tol=0.05, engine_logprobs=[v + 0.01 for v in picked])
     with pytest.raises(AssertionError):
         assert_greedy_path([0, 1, 2], REFERENCE, tol=0.05, engine_logprobs=[picked[0], picked[1] + 0.2, picked[2]])
+
+
+def test_a_decode_stops_at_its_first_eos_or_at_the_limit():
+    assert_stopped([5, 6, 2], eos=2, max_new=4, finished=True)
+    assert_stopped([5, 6, 7, 8], eos=2, max_new=4, finished=False)
+    assert_stopped([5, 6, 7, 2], eos=2, max_new=4, finished=True)  # eos as the last allowed token
+    for tokens, finished in (([5, 2, 6, 2], True), ([5, 6], False), ([5, 6, 7, 8, 2], True), ([5, 6, 2], False)):
+        with pytest.raises(AssertionError):
+            assert_stopped(tokens, eos=2, max_new=4, finished=finished)

@@ -196,20 +196,22 @@ class WorkerGroup:
             remove_placement_group(self.placement)
 
 
-def wait_built(groups: Sequence[WorkerGroup]) -> None:
+def wait_built(groups: Sequence[WorkerGroup], at_least_s: float = 0.0) -> None:
     """Wait until every group's `start` has built its objects, raising at the first failure in any group (named,
-    with its rank), not after the groups before it have finished building; each group within its own timeout."""
+    with its rank), not after the groups before it have finished building; each group within its own call
+    timeout or `at_least_s`, whichever is longer (a reward's timeout bounds a scoring call, not a model load)."""
     started = time.monotonic()
     owner = {ref: (group, rank) for group in groups for rank, ref in enumerate(group._building)}
+    limit = {group.name: max(group.timeout_s, at_least_s) for group in groups}
     pending = list(owner)
     while pending:
-        deadline = min(started + owner[ref][0].timeout_s for ref in pending)
+        deadline = min(started + limit[owner[ref][0].name] for ref in pending)
         ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
-            group = min((owner[ref][0] for ref in pending), key=lambda g: g.timeout_s)
+            group = min((owner[ref][0] for ref in pending), key=lambda g: limit[g.name])
             late = [rank for ref in pending for g, rank in [owner[ref]] if g is group]
-            raise WorkerError(f"{group.name}: {group._made[0].__name__}() did not finish within {group.timeout_s:.0f}s "
-                              f"on rank(s) {late}", timed_out=True)
+            raise WorkerError(f"{group.name}: {group._made[0].__name__}() did not finish within "
+                              f"{limit[group.name]:.0f}s on rank(s) {late}", timed_out=True)
         for ref in ready:
             group, rank = owner[ref]
             result = group._outcome(rank, ref, f"{group._made[0].__name__}()")

@@ -14,6 +14,7 @@ Each phase is one call on a Ray actor group and is timed. The driver holds no mo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -114,7 +115,8 @@ class GRPORun:
             self.sync_weights()
         except BaseException:
             for group in reversed(self._groups):
-                group.shutdown()
+                with contextlib.suppress(Exception):  # the others still go
+                    group.shutdown()
             raise
 
     def _build_workers(self, recipe: GRPORecipe, engine_share: list[dict[str, float]]) -> None:
@@ -136,7 +138,7 @@ class GRPORun:
         self._groups.extend(self.rewards.groups)
         before_engines = [self.learners] if self.colocated else []
         before_engines += [g for g, spec in zip(self.rewards.groups, recipe.rewards) if spec.gpus_per_worker > 0]
-        wait_built(before_engines)
+        wait_built(before_engines, at_least_s=cluster.call_timeout_s)
         self.engines = self._track(WorkerGroup(
             "rollout", rollout.num_workers, rollout.cpus_per_worker, rollout.gpus_per_worker, cluster.placement,
             worker_env(rollout.threads_per_worker), cluster.call_timeout_s,
@@ -144,7 +146,8 @@ class GRPORun:
         self.engines.start(make_engine, [{"model_config": recipe.model, "engine": self.engine_kind,
                                           "threads": rollout.threads_per_worker, **rollout.vllm_options()}]
                            * rollout.num_workers)
-        wait_built([self.learners, self.engines, *self.rewards.groups])  # the first failure in any of them stops
+        # the first failure in any of them stops the run
+        wait_built([self.learners, self.engines, *self.rewards.groups], at_least_s=cluster.call_timeout_s)
 
     def _track(self, group: WorkerGroup) -> WorkerGroup:
         self._groups.append(group)

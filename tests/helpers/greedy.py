@@ -49,8 +49,9 @@ def assert_greedy_path(tokens: list[int], reference_logp: torch.Tensor, tol: flo
 def assert_stopped(tokens: list[int], eos: int, max_new: int, finished: bool | None = None) -> None:
     """The decode ended at its first `eos` or, with none, after exactly `max_new` tokens; `finished` (the engine's
     own flag, when given) says which."""
+    assert len(tokens) <= max_new, f"{len(tokens)} tokens, over the limit of {max_new}"
     assert eos not in tokens[:-1], f"generation went on after end-of-sequence at {tokens.index(eos)}: {tokens}"
     ended = bool(tokens) and tokens[-1] == eos
     assert ended or len(tokens) == max_new, f"stopped after {len(tokens)} of {max_new} tokens without eos: {tokens}"
     if finished is not None:
-        assert finished == ended, f"finished={finished} but the last token is {tokens[-1]} (eos {eos})"
+        assert finished == ended, f"finished={finished} but the last token is {tokens[-1:]} (eos {eos})"
