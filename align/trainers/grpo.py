@@ -108,15 +108,14 @@ class GRPORun:
         self.control = RunControl("align grpo", recipe.train.max_nonfinite_in_row)
         self.reward_restarts = 0
         self.engine_kind = choose_engine(rollout.engine, recipe.model, on_gpu=rollout.gpus_per_worker > 0)
-        self._groups: list[WorkerGroup] = []  # built so far: shut down if building fails
+        self._groups: list[WorkerGroup] = []  # every group built, in order (`shutdown`)
         try:
             self._build_workers(recipe, engine_share)
             self.rollout = RolloutPool(self.engines, rollout.max_restarts)
             self.sync_weights()
         except BaseException:
-            for group in reversed(self._groups):
-                with contextlib.suppress(Exception):  # the others still go
-                    group.shutdown()
+            with contextlib.suppress(Exception):  # the build's own error is the one to report
+                self.shutdown()
             raise
 
     def _build_workers(self, recipe: GRPORecipe, engine_share: list[dict[str, float]]) -> None:
@@ -330,9 +329,16 @@ class GRPORun:
         staging.replace(run_dir / "workers.json")
 
     def shutdown(self) -> None:
-        self.learners.shutdown()
-        self.engines.shutdown()
-        self.rewards.shutdown()
+        """Every worker group built so far, the last built first; one that fails to stop does not keep the
+        others running (its error is raised after they are stopped)."""
+        errors = []
+        for group in reversed(self._groups):
+            try:
+                group.shutdown()
+            except Exception as error:  # noqa: BLE001  raised below
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
 
 def run_grpo(recipe: GRPORecipe, resume: bool = False) -> dict[str, Any]:
