@@ -11,6 +11,17 @@ A reward scores a batch of samples and returns one value per sample:
 - Return `Scores` to add per-sample details for the logs (`info`).
 - It may be `async def`. A class works too: the reward worker builds it once with the recipe's `args`
   (load a model there) and then calls the instance with the samples.
+
+Per-step rewards (process supervision, DeepSeekMath section 4.1.3): `Scores.steps` holds, per sample, the
+scored reasoning steps of its completion in order, or None for a sample without steps. A `Step` is its
+score and the exclusive end of the step as a character offset into `sample.completion` (the decoded text):
+0 < end <= len(completion), ends non-decreasing. `values` stays the outcome score of each sample, so the
+same reward also serves outcome supervision. For a completion "2 + 2 = 4\\n#### 4" with answer "4":
+
+    Scores(values=[1.0], steps=[[Step(score=1.0, end=10), Step(score=1.0, end=16)]])
+
+A sample whose steps are None (or empty) takes part in process supervision through its outcome value, as
+one step ending at the completion's end. `rewards/math.py:math_steps` is a complete example.
 """
 
 from __future__ import annotations
@@ -27,7 +38,14 @@ class Sample:
     num_tokens: int = 0  # completion length in tokens
 
 
+@dataclass(frozen=True)
+class Step:
+    score: float  # the step's reward
+    end: int  # exclusive end of the step: a character offset into the sample's completion
+
+
 @dataclass
 class Scores:
-    values: list[float | None]  # one per sample
+    values: list[float | None]  # one per sample: the outcome score
     info: list[dict[str, Any]] | None = None  # optional, one dict per sample, for the logs
+    steps: list[list[Step] | None] | None = None  # optional, one list per sample (None: no steps), in order

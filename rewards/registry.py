@@ -23,12 +23,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from rewards.base import Sample, Scores
+from rewards.base import Sample, Scores, Step
 
 ENTRY_POINT_GROUP = "align.rewards"
 BUILTINS = {
     "math_answer": "rewards.math:math_answer",
     "answer_format": "rewards.math:answer_format",
+    "math_steps": "rewards.math:math_steps",
     "format_match": "rewards.format:format_match",
     "soft_overlong": "rewards.format:soft_overlong",
     "code_execution": "rewards.code:code_execution",
@@ -74,7 +75,9 @@ def build(name: str, args: dict[str, Any]) -> Callable[[list[Sample]], Any]:
 
 def score(name: str, reward: Callable[[list[Sample]], Any], samples: list[Sample]) -> Scores:
     """Call a reward and check what it returned: one value per sample, each a finite float or None.
-    NaN/inf become None (the sample then gets the recipe's fallback) and are flagged in `info`."""
+    NaN/inf become None (the sample then gets the recipe's fallback) and are flagged in `info`.
+    Per-step scores, if any, must be one list (or None) per sample of `Step`s with finite scores and
+    non-decreasing ends in (0, len(completion)]; anything else raises `RewardError`."""
     result = reward(samples)
     if inspect.isawaitable(result):
         result = asyncio.run(_await(result))
@@ -90,7 +93,37 @@ def score(name: str, reward: Callable[[list[Sample]], Any], samples: list[Sample
             info[i] = {**info[i], "invalid": repr(value)}
             value = None
         values.append(None if value is None else float(value))
-    return Scores(values, info)
+    return Scores(values, info, _checked_steps(name, scores.steps, samples))
+
+
+def _checked_steps(name: str, steps: Any, samples: list[Sample]) -> list[list[Step] | None] | None:
+    """`steps` as given, after checking it against the protocol in rewards/base.py."""
+    if steps is None:
+        return None
+    if len(steps) != len(samples):
+        raise RewardError(f"reward {name!r} returned {len(steps)} step lists for {len(samples)} samples")
+    checked: list[list[Step] | None] = []
+    for i, (sample_steps, sample) in enumerate(zip(steps, samples)):
+        if sample_steps is None:
+            checked.append(None)
+            continue
+        previous = 0
+        for j, step in enumerate(sample_steps):
+            if not isinstance(step, Step):
+                raise RewardError(f"reward {name!r} returned {type(step).__name__} as step {j} of sample {i}, "
+                                  "not a Step")
+            if not isinstance(step.score, (int, float)) or not math.isfinite(step.score):
+                raise RewardError(f"reward {name!r} returned score {step.score!r} for step {j} of sample {i}, "
+                                  "not a finite float")
+            if not isinstance(step.end, int) or not 0 < step.end <= len(sample.completion):
+                raise RewardError(f"reward {name!r} returned end {step.end!r} for step {j} of sample {i}, "
+                                  f"outside (0, {len(sample.completion)}] (the completion's characters)")
+            if step.end < previous:
+                raise RewardError(f"reward {name!r} returned end {step.end} for step {j} of sample {i}, "
+                                  f"before the previous step's end {previous}")
+            previous = step.end
+        checked.append([Step(float(step.score), step.end) for step in sample_steps])
+    return checked
 
 
 async def _await(awaitable: Any) -> Any:

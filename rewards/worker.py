@@ -1,7 +1,8 @@
 """A reward in a worker process: built once from its recipe entry, then scores batches.
 
 A plain object; the GRPO driver hosts each reward's workers as a Ray actor group and bounds every call
-with the reward's timeout (align/trainers/reward_pool.py).
+with the reward's timeout (align/trainers/reward_pool.py). It returns the checked `Scores`, per-step scores
+(`steps`) included.
 """
 
 from __future__ import annotations

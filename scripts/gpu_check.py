@@ -128,7 +128,8 @@ def grpo_stage(model: str, port: int, steps: int, prompts_per_step: int, group: 
         input_ids, mask, rollout_logp = rollout_tensors(batch, completions, tokenizer.pad_token_id)
         rewards = torch.randn(rows)  # throughput only: the advantage values do not change the work
         advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
-        metrics = learner.update(split_shards(input_ids, mask, rollout_logp, advantages, 1)[0])
+        shard = split_shards(input_ids, mask, rollout_logp, advantages, 1, recipe.algorithm.aggregation, max_new)[0]
+        metrics = learner.update(shard)
         t2 = synced()
         engine.update_weights(learner.policy_state())
         t3 = synced()

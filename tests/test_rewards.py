@@ -95,4 +95,4 @@ def test_installed_plugin_is_found_by_name(plugin_path):
     env = {**os.environ, "PYTHONPATH": f"{plugin_path}{os.pathsep}{ROOT}"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "Scores(values=[1.0, 0.0], info=[{'found': ['alpha', 'beta']}, {'found': []}])" in out.stdout
+    assert "Scores(values=[1.0, 0.0], info=[{'found': ['alpha', 'beta']}, {'found': []}], steps=None)" in out.stdout

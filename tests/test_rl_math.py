@@ -15,8 +15,8 @@ from align.rl.advantages import (
 )
 from align.rl.losses import (
     AGGREGATIONS,
-    POLICY_LOSSES,
     kl_k3,
+    loss_normaliser,
     policy_loss,
     truncated_is_weights,
 )
@@ -191,7 +191,7 @@ def test_policy_loss_token_mean_and_constant_denominator() -> None:
     logp, old = inputs()
     # DAPO: (-1 - 1.2 - 0.5 + 1.1 + 0.8) / 5 tokens = -0.16; with a 10-token global count: -0.08
     close(policy_loss(logp, old, ADVANTAGES, MASK, aggregation="token_mean")[0], -0.16)
-    close(policy_loss(logp, old, ADVANTAGES, MASK, aggregation="token_mean", num_tokens=10)[0], -0.08)
+    close(policy_loss(logp, old, ADVANTAGES, MASK, aggregation="token_mean", normaliser=10)[0], -0.08)
     # Dr. GRPO: -0.8 / (B * L_max) = -0.8 / (2 * 4) = -0.1
     loss, _ = policy_loss(logp, old, ADVANTAGES, MASK, aggregation="seq_mean_token_sum_norm", max_completion_length=4)
     close(loss, -0.1)
@@ -315,12 +315,29 @@ def test_sequence_level_ratios_gspo() -> None:
     assert metrics["clip_ratio/low_mean"] == 0.5 and metrics["clip_ratio/high_mean"] == 0.0
 
 
-def test_registries() -> None:
+def test_registries_and_normalisers() -> None:
     assert set(AGGREGATIONS) == {"seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"}
     logp, old = inputs()
-    close(POLICY_LOSSES["grpo"](logp, old, ADVANTAGES, MASK)[0], 0.025)
-    close(POLICY_LOSSES["dapo"](logp, old, ADVANTAGES, MASK)[0], -0.16)
-    close(POLICY_LOSSES["dr_grpo"](logp, old, ADVANTAGES, MASK, max_completion_length=4)[0], -0.1)
-    close(POLICY_LOSSES["gspo"](logp, old, ADVANTAGES, MASK)[0], (-(0.75 ** (1 / 3)) + 0.77**0.5) / 2)
+    # rows that count 2, tokens that count 5, B * L_max = 2 * 4
+    assert loss_normaliser(MASK, "seq_mean_token_mean") == 2
+    assert loss_normaliser(MASK, "token_mean") == 5
+    assert loss_normaliser(MASK, "seq_mean_token_sum_norm", max_completion_length=4) == 8
+    with pytest.raises(ValueError):
+        loss_normaliser(MASK, "seq_mean_token_sum_norm")
+    # a row masked out entirely is not a sequence of the DeepSeekMath mean (TRL would divide by 3 here)...
+    padded = torch.cat([MASK, torch.zeros(1, 4, dtype=torch.bool)])
+    assert loss_normaliser(padded, "seq_mean_token_mean") == 2
+    three, _ = policy_loss(torch.cat([logp, logp[:1]]), torch.cat([old, old[:1]]), torch.tensor([1.0, -1.0, 5.0]),
+                           padded)
+    close(three, 0.025)
+    # ...but is one of Dr. GRPO's B rows (the denominator is fixed by the batch's shape)
+    assert loss_normaliser(padded, "seq_mean_token_sum_norm", max_completion_length=4) == 12
+    # the sum of two micro-batches' shares with the whole batch's normaliser is the whole batch's loss
+    for aggregation in AGGREGATIONS:
+        whole, _ = policy_loss(logp, old, ADVANTAGES, MASK, aggregation=aggregation, max_completion_length=4)
+        n = loss_normaliser(MASK, aggregation, max_completion_length=4)
+        parts = [policy_loss(logp[i:i + 1], old[i:i + 1], ADVANTAGES[i:i + 1], MASK[i:i + 1], aggregation=aggregation,
+                             normaliser=n)[0] for i in range(2)]
+        close(sum(parts), whole)
     with pytest.raises(ValueError):
         policy_loss(logp, old, ADVANTAGES, MASK, aggregation="sum")  # type: ignore[arg-type]

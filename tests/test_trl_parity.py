@@ -75,6 +75,10 @@ def loss_tensors() -> dict[str, torch.Tensor]:
 # (`num_items_in_batch`), "bnpo" by the micro-batch's own.
 AGGREGATION_OF = {"grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dapo": "token_mean",
                   "dr_grpo": "seq_mean_token_sum_norm"}
+# TRL's denominators: "grpo" divides by every row, the one with no counted token included (ours by the rows that
+# count, see seq_mean_token_mean), "dapo" by the accumulated batch's tokens; the others are our defaults.
+NORMALISER_OF = {"grpo": lambda mask, accumulated: float(mask.shape[0]), "bnpo": lambda mask, accumulated: None,
+                 "dapo": lambda mask, accumulated: accumulated, "dr_grpo": lambda mask, accumulated: None}
 CASES = [
     case for case in product(
         AGGREGATION_OF, ["token", "sequence"], [0.0, 0.04], [(0.2, None), (0.2, 0.28)], [False, True],
@@ -101,7 +105,7 @@ def test_policy_loss_matches_trl(
         ours_logp, tensors["old_logp"], advantages, mask, eps_low=epsilon, eps_high=epsilon_high, beta=beta,
         ref_logp=tensors["ref_logp"] if beta else None, kl_ratio_weighted=bias_correction_kl,
         aggregation=AGGREGATION_OF[loss_type], ratio_level=level, max_completion_length=TOKENS,
-        num_tokens=tokens_in_accumulated_batch if loss_type == "dapo" else None, is_weights=is_weights,
+        normaliser=NORMALISER_OF[loss_type](mask, tokens_in_accumulated_batch), is_weights=is_weights,
     )
     ours.backward()
 

@@ -28,6 +28,8 @@ class PromptDataConfig:
     heldout_limit: int = option(200, "held-out problems to score")
     heldout_reward: str = option("math_answer", "reward whose mean over greedy held-out completions is reported "
                                  "before and after training (code_execution for code)")
+    heldout_reward_args: dict | None = option(
+        None, "keyword arguments for heldout_reward; default: the args of the `rewards` entry of that name, if any")
     max_prompt_length: int = option(256, "prompts longer than this (tokens) are an error")
     skip_bad_rows: bool = option(False, "leave out malformed or incomplete training rows (counted and the first "
                                  "named) instead of stopping")
@@ -90,11 +92,22 @@ class AlgorithmConfig:
     prompts_per_step: int = option(8, "prompts sampled per step")
     group_size: int = option(8, "G completions per prompt (DeepSeekMath: 64)")
     kl_coef: float = option(0.04, "beta of the k3 KL to the reference in the loss (DeepSeekMath: 0.04); 0 drops it")
-    clip_eps: float = option(0.2, "PPO clip epsilon (lower side)")
-    clip_eps_high: float | None = option(None, "upper clip epsilon; set above clip_eps for DAPO's clip-higher")
+    clip_eps: float | None = option(
+        None, "clip epsilon (lower side); default 0.2 for token ratios (PPO, DeepSeekMath), 3e-4 for sequence "
+        "ratios (GSPO, arXiv 2507.18071 sec. 5.1)")
+    clip_eps_high: float | None = option(
+        None, "upper clip epsilon; default clip_eps, or 4e-4 for sequence ratios when clip_eps is also left out "
+        "(GSPO); set above clip_eps for DAPO's clip-higher (0.28)")
     aggregation: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = option(
         "seq_mean_token_mean", "loss aggregation: DeepSeekMath / DAPO token mean / Dr. GRPO constant denominator")
     ratio_level: Literal["token", "sequence"] = option("token", "importance ratio per token, or per sequence (GSPO)")
+    advantage: Literal["outcome", "process"] = option(
+        "outcome", "outcome: one group-normalised reward per completion; process: per-step rewards (from rewards "
+        "that return steps; the others count as one step at the end), each token gets the normalised rewards of "
+        "its step and the later ones (DeepSeekMath 4.1.3)")
+    kl_ratio_weighted: bool = option(
+        False, "multiply the k3 KL by the importance ratio (DeepSeek-V3.2's unbiased KL gradient off-policy; "
+        "TRL use_bias_correction_kl)")
     advantage_scale: Literal["group", "batch", "none"] = option("group", "divide advantages by group/batch std")
     updates_per_batch: int = option(1, "mu: policy updates per rollout batch (DeepSeekMath: 1)")
     tis_cap: float | None = option(None, "truncated importance-sampling cap for rollout/learner mismatch")
@@ -109,7 +122,15 @@ class AlgorithmConfig:
         False, "sample batch s+1 while the learners update on batch s (one update stale; the importance ratio "
         "then uses the engine's log-probs as pi_old)")
     reference_reset_every: int = option(0, "reset the reference to the policy every N steps (0: never)")
-    seed: int = option(0, "sampling seed; step s samples with seed + s")
+    seed: int = option(0, "sampling seed; step s samples with seed * 1000003 + s (its k-th dynamic-sampling "
+                       "refill adds k * 1000000007)")
+
+    def __post_init__(self) -> None:
+        sequence = self.ratio_level == "sequence"
+        if self.clip_eps is None:
+            self.clip_eps = 3e-4 if sequence else 0.2
+            if sequence and self.clip_eps_high is None:
+                self.clip_eps_high = 4e-4
 
 
 @dataclass

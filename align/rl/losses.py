@@ -11,19 +11,20 @@ The objective to maximise (DeepSeekMath, arXiv 2402.03300, eq. 3), per token:
 
 and the loss is -aggregate(J). Which aggregate, and the TRL 1.16 `loss_type` that computes the same:
 
-    seq_mean_token_mean      1/B sum_i 1/|o_i| sum_t J_it      DeepSeekMath    TRL "grpo"
+    seq_mean_token_mean      1/N sum_i 1/|o_i| sum_t J_it      DeepSeekMath    TRL "grpo" (N = rows that count)
     token_mean               sum_i sum_t J_it / sum_i |o_i|    DAPO            TRL "dapo" or "bnpo"
     seq_mean_token_sum_norm  sum_i sum_t J_it / (B * L_max)    Dr. GRPO        TRL "dr_grpo"
 
-TRL's "dapo" divides by the token count of the whole accumulated, all-process batch (our `num_tokens`),
-"bnpo" by the micro-batch's own (our `num_tokens=None`). Sequence-level ratios (GSPO, arXiv 2507.18071)
-are TRL's `importance_sampling_level="sequence"`. The loss is the negative objective, to minimise.
+Each aggregate is a sum over rows divided by a normaliser N (`loss_normaliser`) that the learners compute once
+for the whole batch: TRL's "dapo" divides by the token count of the whole accumulated, all-process batch (our
+`normaliser`), "bnpo" by the micro-batch's own (our `normaliser=None` on a micro-batch). Sequence-level
+ratios (GSPO, arXiv 2507.18071) are TRL's `importance_sampling_level="sequence"`. The loss is the negative
+objective, to minimise.
 tests/test_trl_parity.py checks every one of these against TRL's own loss code.
 """
 
 from collections.abc import Callable
-from functools import partial
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 
@@ -71,83 +72,84 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def seq_mean_token_mean(
-    per_token_loss: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    max_completion_length: int | None = None,
-    num_tokens: float | None = None,
-) -> torch.Tensor:
-    """DeepSeekMath / TRL "grpo": mean over each sequence's tokens, then over sequences.
+def loss_normaliser(
+    mask: torch.Tensor, aggregation: Aggregation, max_completion_length: int | None = None
+) -> float:
+    """The denominator N of an aggregation, computed once over a WHOLE batch (every micro-batch of every learner):
 
-        L = 1/B sum_i ( sum_t m_it * l_it / max(sum_t m_it, 1) )
+        seq_mean_token_mean      N = #{i : sum_t m_it > 0}      the rows that count
+        token_mean               N = sum_it m_it                 the tokens that count
+        seq_mean_token_sum_norm  N = B * L_max                   every row (B = P * G, counted or not), fixed
+
+    Each micro-batch's loss is then its rows' sum divided by this N (`policy_loss(..., normaliser=N)`), so the
+    gradients summed over micro-batches and learners are exactly the gradient of one aggregate over the batch,
+    however the rows that count are spread. Clamped to >= 1.
+
+    Args:
+        mask: [B, T], the whole batch's mask of tokens that count (rows masked out entirely count 0).
+        aggregation: name in AGGREGATIONS.
+        max_completion_length: L_max, required for "seq_mean_token_sum_norm".
+    """
+    if aggregation == "seq_mean_token_mean":
+        count = float((mask.sum(-1) > 0).sum())
+    elif aggregation == "token_mean":
+        count = float(mask.sum())
+    elif aggregation == "seq_mean_token_sum_norm":
+        if max_completion_length is None:
+            raise ValueError("seq_mean_token_sum_norm needs max_completion_length (the constant denominator)")
+        count = float(mask.shape[0] * max_completion_length)
+    else:
+        raise ValueError(f"aggregation must be one of {sorted(AGGREGATIONS)}, got {aggregation!r}")
+    return max(count, 1.0)
+
+
+def seq_mean_token_mean(per_token_loss: torch.Tensor, mask: torch.Tensor, normaliser: float) -> torch.Tensor:
+    """DeepSeekMath / TRL "grpo": mean over each sequence's tokens, then over the N sequences that count.
+
+        L = 1/N sum_i ( sum_t m_it * l_it / max(sum_t m_it, 1) )
+
+    TRL divides by every row B, counted or not; here a row with no counted token (masked out) is not a
+    sequence of the mean, so masking a row changes no other row's weight.
 
     Args:
         per_token_loss: [B, T] (or [B, 1], broadcast over the mask).
         mask: [B, T] float.
-        max_completion_length, num_tokens: unused; every aggregation takes the same arguments.
+        normaliser: N from `loss_normaliser` (of the whole batch when this is one micro-batch of it).
     """
     per_sequence = (per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
-    return per_sequence.mean()
+    return per_sequence.sum() / normaliser
 
 
-def token_mean(
-    per_token_loss: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    max_completion_length: int | None = None,
-    num_tokens: float | None = None,
-) -> torch.Tensor:
+def token_mean(per_token_loss: torch.Tensor, mask: torch.Tensor, normaliser: float) -> torch.Tensor:
     """DAPO: every token weighs the same, whatever the length of its sequence.
 
-        L = sum_it m_it * l_it / N,   N = num_tokens, or sum_it m_it (clamped to >= 1) when None
+        L = sum_it m_it * l_it / N,   N = the tokens that count
 
-    Pass `num_tokens` = the token count of the whole accumulated (and data-parallel) batch when this batch
-    is one micro-batch of it, so the summed gradients equal one token mean (TRL "dapo"); None is the
-    micro-batch's own mean (TRL "bnpo").
+    With N the count of the whole accumulated, all-learner batch this is TRL "dapo"; with the micro-batch's own
+    count, TRL "bnpo".
 
     Args:
         per_token_loss: [B, T] (or [B, 1], broadcast over the mask).
         mask: [B, T] float.
-        max_completion_length: unused.
-        num_tokens: the denominator N, if not this batch's own token count.
+        normaliser: N from `loss_normaliser`.
     """
-    denominator = mask.sum().clamp(min=1) if num_tokens is None else max(num_tokens, 1.0)
-    return (per_token_loss * mask).sum() / denominator
+    return (per_token_loss * mask).sum() / normaliser
 
 
-def seq_mean_token_sum_norm(
-    per_token_loss: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    max_completion_length: int | None = None,
-    num_tokens: float | None = None,
-) -> torch.Tensor:
+def seq_mean_token_sum_norm(per_token_loss: torch.Tensor, mask: torch.Tensor, normaliser: float) -> torch.Tensor:
     """Dr. GRPO / TRL "dr_grpo": token sum over a constant denominator, so length carries no bias.
 
-        L = sum_it m_it * l_it / (B * L_max)
+        L = sum_it m_it * l_it / N,   N = B * L_max (all P * G rows of the batch)
 
     Args:
         per_token_loss: [B, T] (or [B, 1], broadcast over the mask).
         mask: [B, T] float.
-        max_completion_length: L_max, required.
-        num_tokens: unused.
+        normaliser: N from `loss_normaliser`.
     """
-    if max_completion_length is None:
-        raise ValueError("seq_mean_token_sum_norm needs max_completion_length (the constant denominator)")
-    return (per_token_loss * mask).sum() / (mask.shape[0] * max_completion_length)
+    return (per_token_loss * mask).sum() / normaliser
 
 
-class AggregationFn(Protocol):
-    def __call__(
-        self,
-        per_token_loss: torch.Tensor,
-        mask: torch.Tensor,
-        *,
-        max_completion_length: int | None = None,
-        num_tokens: float | None = None,
-    ) -> torch.Tensor: ...
-
+AggregationFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 AGGREGATIONS: dict[str, AggregationFn] = {
     "seq_mean_token_mean": seq_mean_token_mean,
@@ -170,7 +172,7 @@ def policy_loss(
     aggregation: Aggregation = "seq_mean_token_mean",
     ratio_level: RatioLevel = "token",
     max_completion_length: int | None = None,
-    num_tokens: float | None = None,
+    normaliser: float | None = None,
     is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped-surrogate GRPO loss with optional k3 KL penalty, clip-higher, GSPO ratios and TIS.
@@ -179,7 +181,7 @@ def policy_loss(
 
         r_t = exp(logp_t - old_logp_t)
         l_t = -min(r_t * A_t, clip(r_t, 1 - eps_low, 1 + eps_high) * A_t) * w_t + beta * KL_t
-        loss = AGGREGATIONS[aggregation](l, mask)
+        loss = AGGREGATIONS[aggregation](l, mask, N),   N = normaliser or loss_normaliser(mask, aggregation)
 
     w_t = is_weights (TIS, no gradient; 1 if None), KL_t = kl_k3(logp, ref_logp), or KL_t * r_t when
     `kl_ratio_weighted` (DeepSeek-V3.2's unbiased KL gradient under off-policy samples; TRL's
@@ -209,8 +211,9 @@ def policy_loss(
         kl_ratio_weighted: multiply KL_t by the (differentiable) ratio, see above.
         aggregation: name in AGGREGATIONS.
         ratio_level: "token" (PPO/GRPO) or "sequence" (GSPO).
-        max_completion_length: L_max for "seq_mean_token_sum_norm".
-        num_tokens: token-count denominator for "token_mean" (see `token_mean`).
+        max_completion_length: L_max for "seq_mean_token_sum_norm" (when `normaliser` is None).
+        normaliser: the aggregation's denominator N, from `loss_normaliser` over the whole batch when these
+            rows are one micro-batch of it; None computes it from this batch.
         is_weights: [B, T] or [B, 1] truncated IS weights from `truncated_is_weights`, or None.
 
     Returns:
@@ -249,9 +252,9 @@ def policy_loss(
         per_token_loss = per_token_loss + beta * per_token_kl
         metrics["kl"] = _masked_mean(per_token_kl.detach(), mask).item()
 
-    loss = AGGREGATIONS[aggregation](
-        per_token_loss, mask, max_completion_length=max_completion_length, num_tokens=num_tokens
-    )
+    if normaliser is None:
+        normaliser = loss_normaliser(mask, aggregation, max_completion_length)
+    loss = AGGREGATIONS[aggregation](per_token_loss, mask, normaliser)
 
     with torch.no_grad():
         low = ((ratio < 1 - eps_low) & (advantages < 0)).to(logp.dtype)
@@ -266,14 +269,3 @@ def policy_loss(
 def _logged_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean over counted tokens of a [B, T] value; a [B, 1] value is one per sequence: mean over sequences (TRL)."""
     return (values.mean() if values.shape[1] == 1 else _masked_mean(values, mask)).item()
-
-
-PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-
-# Recipes name a loss by string; each entry is `policy_loss` with the aggregation (and ratio level) fixed.
-POLICY_LOSSES: dict[str, PolicyLossFn] = {
-    "grpo": partial(policy_loss, aggregation="seq_mean_token_mean"),  # TRL loss_type="grpo"
-    "dapo": partial(policy_loss, aggregation="token_mean"),  # TRL "dapo" (num_tokens given) / "bnpo" (None)
-    "dr_grpo": partial(policy_loss, aggregation="seq_mean_token_sum_norm"),  # TRL "dr_grpo"
-    "gspo": partial(policy_loss, aggregation="seq_mean_token_mean", ratio_level="sequence"),  # TRL "grpo" + sequence
-}

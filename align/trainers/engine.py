@@ -132,6 +132,43 @@ def build_engine(model: nn.Module, moe_classes: list[type[nn.Module]], ds: DeepS
     return engine
 
 
+def backward_summed(engine: Any, loss: torch.Tensor) -> None:
+    """Backward of one micro-batch's share of a batch-wide loss, so that the gradient DeepSpeed applies at the
+    accumulation boundary is the SUM of every micro-batch's and every learner's gradient.
+
+    The one place where DeepSpeed's own averaging is undone. DeepSpeed would divide each micro-batch loss by
+    gradient_accumulation_steps (turned off: `scale_wrt_gas=False`) and averages the gradients over the W
+    data-parallel ranks in its reduce (undone here: x W). With each share = (its rows' sum) / (the batch's
+    normaliser), the applied gradient is then d/dtheta of one loss over the whole batch:
+
+        g = sum_ranks sum_micro d(share)/dtheta = d/dtheta (sum_rows l / N)
+    """
+    engine.backward(loss * engine.dp_world_size, scale_wrt_gas=False)
+
+
+def full_gradients(engine: Any) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's full, reduced gradient (fp32, on the CPU) after the last backward of an
+    accumulation and before the step: what the optimizer is about to apply, before clipping. A collective
+    under ZeRO-3 (every rank must call it)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    grads = {}
+    for name, param in engine.module.named_parameters():
+        if param.requires_grad:
+            grad = safe_get_full_grad(param)
+            grads[name] = grad.detach().float().cpu().clone() if grad is not None else torch.zeros(())
+    return grads
+
+
+def all_ranks_sum(value: float, device: Any) -> float:
+    """The sum of `value` over the learners' process group (the value itself outside one)."""
+    if not torch.distributed.is_initialized():
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return float(total.item())
+
+
 def optimizer_metrics(engine: Any, skipped_before: int) -> dict[str, float]:
     """lr, global grad norm and `skipped_updates`: optimizer steps since `skipped_before` (the engine's
     `skipped_steps` then) that DeepSpeed skipped because the gradient norm was NaN/inf (weights, optimizer

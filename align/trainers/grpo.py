@@ -252,7 +252,8 @@ class GRPORun:
             mask = mask * batch.in_loss.flatten()[:, None]
             valid = ~batch.rewards.isnan()  # [P, G], False where a reward call failed
             advantages = group_advantages(batch.rewards, algo.advantage_scale, valid=valid).flatten()  # [P * G]
-            shards = split_shards(input_ids, mask, rollout_logp, advantages, len(self.learners))
+            shards = split_shards(input_ids, mask, rollout_logp, advantages, len(self.learners), algo.aggregation,
+                                  self.recipe.rollout.max_new_tokens)
         with phases("update"):
             if self.colocated:  # free the shared device for the update (vLLM sleep mode on GPU)
                 self.rollout.call("sleep")

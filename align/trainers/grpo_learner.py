@@ -1,8 +1,10 @@
 """One GRPO learner: the policy in a DeepSpeed engine, a frozen reference beside it, and the policy update.
 
 A plain Python object; the GRPO driver runs N of them as a Ray actor group. Each receives its shard of
-the rollout batch as tensors and takes `updates_per_batch` optimizer steps on it (gradients averaged
-across learners by DeepSpeed).
+the rollout batch as tensors and takes `updates_per_batch` optimizer steps on it. Every micro-batch's loss
+is the sum over its rows divided by the normaliser of the whole batch, and DeepSpeed sums (not averages)
+the micro-batches' and learners' gradients (`engine.backward_summed`), so each step applies the gradient
+of one loss over the batch.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ class RolloutShard:
     input_ids: torch.Tensor  # [rows, width]
     completion_mask: torch.Tensor  # [rows, width] float, 1 on completion tokens that count in the loss
     rollout_logp: torch.Tensor  # [rows, width], the engine's log-probs on completion tokens, 0 elsewhere
-    advantages: torch.Tensor  # [rows]
-    global_tokens: int  # completion tokens in the whole batch, all learners (token-mean normaliser)
-    global_rows: int  # rows that count in the whole batch, all learners
+    advantages: torch.Tensor  # [rows] (outcome supervision) or [rows, width] (process supervision)
+    loss_normaliser: float  # N of the aggregation over the whole batch, all learners (`loss_normaliser`)
+    counted_rows: int  # rows with a token that counts in the whole batch, all learners (balance-loss mean)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -46,6 +48,11 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     return logp
 
 
+def optimizer_steps(recipe: GRPORecipe) -> int:
+    """Optimizer steps in the run, the length of the lr schedule: steps x updates_per_batch."""
+    return recipe.algorithm.steps * recipe.algorithm.updates_per_batch
+
+
 class GRPOLearner:
     def __init__(self, recipe: GRPORecipe, rank: int, world_size: int, master_addr: str, master_port: int):
         torch.set_num_threads(recipe.cluster.threads_per_worker)
@@ -55,7 +62,7 @@ class GRPOLearner:
         ds_setup.seed_everything(recipe.train.seed + rank)
         self.tokenizer = tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
         self.engine, self.moe_classes = ds_setup.build_policy_engine(
-            recipe.model, recipe.lora, recipe.deepspeed, recipe.train, world_size, recipe.algorithm.steps, tokenizer)
+            recipe.model, recipe.lora, recipe.deepspeed, recipe.train, world_size, optimizer_steps(recipe), tokenizer)
         self.model_config = self.engine.module.config
         self.device = self.engine.device
         self.temperature = recipe.rollout.temperature if recipe.rollout.temperature > 0 else 1.0
@@ -116,6 +123,15 @@ class GRPOLearner:
 
     def update(self, shard: RolloutShard) -> dict[str, float]:
         """`updates_per_batch` optimizer steps on this shard; returns loss, KL, clip and timing metrics."""
+        return self._update(shard, capture=False)[0]
+
+    def update_gradients(self, shard: RolloutShard) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """`update`, also returning the full gradient of every trainable parameter at the first accumulation
+        boundary, before clipping and the optimizer step (`deepspeed.utils.safe_get_full_grad`, a collective
+        under ZeRO-3): the gradient the learners apply, for tests and debugging."""
+        return self._update(shard, capture=True)
+
+    def _update(self, shard: RolloutShard, capture: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         started, skipped = time.perf_counter(), self.engine.skipped_steps
         algo, micro = self.recipe.algorithm, self.recipe.train.micro_batch_size
         rows = shard.input_ids.shape[0]
@@ -133,7 +149,8 @@ class GRPOLearner:
         else:
             old_logp = None
         sums: dict[str, float] = {}
-        for _ in range(algo.updates_per_batch):
+        grads: dict[str, torch.Tensor] = {}
+        for update in range(algo.updates_per_batch):
             for index, s in enumerate(slices):
                 input_ids, mask = to(shard.input_ids[s]), to(shard.completion_mask[s])
                 outputs = self.engine(input_ids=input_ids, use_cache=False, output_router_logits=bool(self.moe_classes))
@@ -142,38 +159,38 @@ class GRPOLearner:
                 is_weights = None
                 if algo.tis_cap is not None:
                     is_weights = truncated_is_weights(old, to(shard.rollout_logp[s]), algo.tis_cap)
+                # this micro-batch's rows' part of the batch-wide loss: their sum / the batch's normaliser
                 loss, metrics = policy_loss(
                     logp, old, to(shard.advantages[s]), mask, eps_low=algo.clip_eps, eps_high=algo.clip_eps_high,
-                    beta=algo.kl_coef, ref_logp=ref_logp[index], aggregation=algo.aggregation,
-                    ratio_level=algo.ratio_level, max_completion_length=self.recipe.rollout.max_new_tokens,
+                    beta=algo.kl_coef, ref_logp=ref_logp[index], kl_ratio_weighted=algo.kl_ratio_weighted,
+                    aggregation=algo.aggregation, ratio_level=algo.ratio_level, normaliser=shard.loss_normaliser,
                     is_weights=is_weights)
-                loss = loss * self._share(mask, shard, len(slices))
-                metrics["policy_loss"] = loss.item()
+                # summed over micro-batches and learners: the batch loss (the driver averages ranks, hence x world)
+                metrics["policy_loss"] = loss.item() * self.world_size
                 if self.moe_classes:
-                    balance = sum(self._balance(ds_setup.router_logits(outputs), mask).values())
-                    metrics["balance_loss"] = balance.item()
+                    balance = sum(self._balance(ds_setup.router_logits(outputs), mask, shard.counted_rows).values())
+                    metrics["balance_loss"] = balance.item() * self.world_size
                     loss = loss + balance
-                self.engine.backward(loss)
+                metrics["loss"] = loss.item() * self.world_size
+                ds_setup.backward_summed(self.engine, loss)
+                if capture and update == 0 and index == len(slices) - 1:
+                    grads = ds_setup.full_gradients(self.engine)
                 self.engine.step()
-                for key, value in {"loss": loss.item(), **metrics}.items():
+                for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
-        passes = algo.updates_per_batch * len(slices)
-        result = {key: value / passes for key, value in sums.items()}
+        # losses are shares (summed over micro-batches), the other metrics micro-batch means (averaged)
+        shares = ("loss", "policy_loss", "balance_loss")
+        result = {key: value / (algo.updates_per_batch if key in shares else algo.updates_per_batch * len(slices))
+                  for key, value in sums.items()}
         result.update(**ds_setup.optimizer_metrics(self.engine, skipped), update_s=time.perf_counter() - started)
-        return result
+        return result, grads
 
-    def _share(self, mask: torch.Tensor, shard: RolloutShard, micro_batches: int) -> float:
-        """Scale a micro-batch loss so that DeepSpeed's averaging (over micro-batches and learners) yields
-        the batch-wide aggregate: count_here * micro_batches * learners / count_in_batch, where count is
-        completion tokens for the token mean and counted rows otherwise."""
-        if self.recipe.algorithm.aggregation == "token_mean":
-            here, total = float(mask.sum()), shard.global_tokens
-        else:
-            here, total = float((mask.sum(-1) > 0).sum()), shard.global_rows
-        return here * micro_batches * self.world_size / max(total, 1)
-
-    def _balance(self, router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Balance losses over each completion's tokens (one segment per row)."""
+    def _balance(self, router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor, counted_rows: int
+                 ) -> dict[str, torch.Tensor]:
+        """Balance losses over each completion's tokens (one segment per row), as this micro-batch's part of the
+        mean over the batch's `counted_rows` completions: (micro-batch mean) x (its counted rows) / counted_rows."""
         rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
         segments = torch.where(mask > 0, rows, torch.full_like(rows, -1)).flatten()
-        return ds_setup.balance_losses_for(router_logits, segments, self.model_config, self.recipe.moe)
+        share = float((mask.sum(-1) > 0).sum()) / max(counted_rows, 1)
+        losses = ds_setup.balance_losses_for(router_logits, segments, self.model_config, self.recipe.moe)
+        return {name: value * share for name, value in losses.items()}

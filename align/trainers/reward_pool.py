@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from align.config.grpo_schema import RewardSpec
 from align.distributed.worker_group import WorkerError, WorkerGroup, wait_built
-from rewards.base import Sample
+from rewards.base import Sample, Step
 from rewards.worker import RewardWorker
 
 
@@ -24,6 +24,8 @@ class RewardValues:
     failed: dict[str, int] = field(default_factory=dict)  # reward name -> samples without a value
     errors: list[str] = field(default_factory=list)  # one line per failed call, naming reward and cause
     restarts: int = 0  # workers replaced during this batch
+    # reward name -> per sample its steps (rewards/base.py), None where it gave none or its call failed
+    steps: dict[str, list[list[Step] | None]] = field(default_factory=dict)
 
 
 class RewardPool:
@@ -57,6 +59,7 @@ class RewardPool:
         result = RewardValues({})
         for spec, group, chunks, refs in calls:
             column: list[float | None] = [None] * len(samples)
+            step_column: list[list[Step] | None] = [None] * len(samples)
             remaining = max(0.0, spec.timeout_s - (time.monotonic() - started))
             for rank, (chunk, outcome) in enumerate(zip(chunks, group.gather(refs, "score", remaining))):
                 if isinstance(outcome, WorkerError) and outcome.hung and not outcome.timed_out:  # died: redo
@@ -73,7 +76,10 @@ class RewardPool:
                     continue
                 for index, value in zip(chunk, outcome.values):
                     column[index] = value
+                for index, steps in zip(chunk, outcome.steps or [None] * len(chunk)):
+                    step_column[index] = steps
             result.values[spec.name] = column
+            result.steps[spec.name] = step_column
             result.failed[spec.name] = sum(v is None for v in column)
         return result
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from align.data.prompts import Prompt
+from align.rl.losses import Aggregation, loss_normaliser
 from align.trainers.grpo_learner import RolloutShard
 from rollout.torch_engine import Completion
 
@@ -32,12 +33,14 @@ def rollout_tensors(prompts: list[Prompt], completions: list[Completion], pad_id
 
 
 def split_shards(input_ids: torch.Tensor, mask: torch.Tensor, rollout_logp: torch.Tensor, advantages: torch.Tensor,
-                 learners: int) -> list[RolloutShard]:
-    """Equal contiguous slices for the learners, each told the batch-wide token and row counts."""
+                 learners: int, aggregation: Aggregation, max_completion_length: int) -> list[RolloutShard]:
+    """Equal contiguous slices for the learners, each told the whole batch's loss normaliser (`loss_normaliser`
+    over every row, so each learner's loss is its rows' part of one batch-wide aggregate) and counted rows."""
     per = input_ids.shape[0] // learners
-    global_tokens, global_rows = int(mask.sum()), int((mask.sum(-1) > 0).sum())
+    normaliser = loss_normaliser(mask, aggregation, max_completion_length)
+    counted_rows = int((mask.sum(-1) > 0).sum())
     part = [slice(i * per, (i + 1) * per) for i in range(learners)]
-    return [RolloutShard(input_ids[s], mask[s], rollout_logp[s], advantages[s], global_tokens, global_rows)
+    return [RolloutShard(input_ids[s], mask[s], rollout_logp[s], advantages[s], normaliser, counted_rows)
             for s in part]
 
 

@@ -21,17 +21,18 @@ from align.trainers import engine as ds_setup
 from align.trainers.learner_group import StreamedLearnerState
 
 
-def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Next-token negative log-likelihood averaged over target tokens.
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Next-token negative log-likelihood summed over target tokens, and their count N.
 
-    loss = -1/N * sum_{t: labels[t+1] != ignore} log p(labels[t+1] | tokens <= t)
-    logits: [rows, width, vocab]; labels: [rows, width]. Returns (loss, N).
+    sum = -sum_{t: labels[t+1] != ignore} log p(labels[t+1] | tokens <= t)
+    logits: [rows, width, vocab]; labels: [rows, width]. Returns (sum, N). The token mean of an optimizer step
+    is sum / N with both summed over the step's micro-batches and learners (`SFTLearner.train_step`).
     """
     targets = labels[:, 1:]
     count = int((targets != IGNORE_INDEX).sum())
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
-    return loss / max(count, 1), count
+    return loss, count
 
 
 class SFTLearner(StreamedLearnerState):
@@ -58,13 +59,34 @@ class SFTLearner(StreamedLearnerState):
                 "backend": self.backend, "device": str(self.device), "rows": self.stream.total_rows}
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step: grad_accum micro-batches of forward + backward, then the update."""
+        return self._train_step(capture=False)[0]
+
+    def train_step_gradients(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """`train_step`, also returning the full gradient of every trainable parameter at the accumulation
+        boundary, before clipping and the optimizer step (a collective under ZeRO-3), for tests and debugging."""
+        return self._train_step(capture=True)
+
+    def _train_step(self, capture: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """One optimizer step: grad_accum micro-batches of forward + backward, then the update.
+
+        The loss is the token mean over every target token of the step, all micro-batches of all learners:
+
+            L = sum_{micro, ranks} nll_sum / N_step,   N_step = all-reduced target count of the step
+
+        so a micro-batch with few targets weighs no more per token than a full one (the step's micro-batches
+        are read first to count them). The MoE balance losses are means over the step's samples the same way.
+        """
         started, skipped = time.perf_counter(), self.engine.skipped_steps
+        batches = [self.stream.next_batch() for _ in range(self.recipe.train.grad_accum)]
+        local = [sum(b.num_target_tokens for b in batches), sum(b.num_samples for b in batches)]
+        step_targets, step_samples = (ds_setup.all_ranks_sum(float(v), self.device) for v in local)
         sums = {"loss": 0.0, "lm_loss": 0.0, "balance_loss": 0.0, "tokens": 0, "target_tokens": 0, "samples": 0}
-        for _ in range(self.recipe.train.grad_accum):
-            batch = self.stream.next_batch()
-            loss, parts = self._loss(batch)
-            self.engine.backward(loss)
+        grads: dict[str, torch.Tensor] = {}
+        for index, batch in enumerate(batches):
+            loss, parts = self._loss(batch, step_targets, step_samples)
+            ds_setup.backward_summed(self.engine, loss)
+            if capture and index == len(batches) - 1:
+                grads = ds_setup.full_gradients(self.engine)
             self.engine.step()
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -72,26 +94,31 @@ class SFTLearner(StreamedLearnerState):
             sums["target_tokens"] += batch.num_target_tokens
             sums["samples"] += batch.num_samples
         self.step += 1
-        accum = self.recipe.train.grad_accum
-        metrics = {key: (value / accum if "loss" in key else value) for key, value in sums.items()}
+        # each loss part is this rank's share of the step's value; the driver averages ranks, hence x world
+        shares = lambda key: "loss" in key or key.startswith("balance/")  # noqa: E731
+        metrics = {key: value * self.world_size if shares(key) else value for key, value in sums.items()}
         metrics.update(
             **ds_setup.optimizer_metrics(self.engine, skipped), epoch=self.stream.epoch_progress,
             compute_s=time.perf_counter() - started, **{f"data/{k}": v for k, v in self.stream.counters.items()})
-        return metrics
+        return metrics, grads
 
-    def _loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(self, batch: Batch, step_targets: float, step_samples: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the step's loss: nll sum / the step's target tokens, plus the balance
+        losses' micro-batch means x (its samples / the step's samples)."""
         moe = bool(self.moe_classes)
         outputs = self.engine(
             input_ids=batch.input_ids.to(self.device), position_ids=batch.position_ids.to(self.device),
             attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(self.device),
             output_router_logits=moe, use_cache=False)
-        lm_loss, _ = token_mean_nll(outputs.logits, batch.labels.to(self.device))
+        nll_sum, _ = token_nll_sum(outputs.logits, batch.labels.to(self.device))
+        lm_loss = nll_sum / max(step_targets, 1.0)
         parts = {"lm_loss": lm_loss.item()}
         loss = lm_loss
         if moe:
             segments = batch.segment_ids.to(self.device).flatten()
-            balance = ds_setup.balance_losses_for(ds_setup.router_logits(outputs), segments, self.model_config,
-                                                  self.recipe.moe)
+            share = batch.num_samples / max(step_samples, 1.0)
+            balance = {name: value * share for name, value in ds_setup.balance_losses_for(
+                ds_setup.router_logits(outputs), segments, self.model_config, self.recipe.moe).items()}
             for name, value in balance.items():
                 parts[f"balance/{name}"] = value.item()
             loss = loss + sum(balance.values())

@@ -1,0 +1,152 @@
+"""What the gradient-equality tests share between their learner processes and the test: the recipes, the
+rollout batch (masked, filler and truncated rows of unequal lengths) and the one-process reference gradient.
+
+`tests/helpers/grad_worker.py` runs real DeepSpeed learners (2 ranks over gloo) on these and saves the full
+gradient they apply; `tests/test_exact_gradients.py` computes the reference here and compares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.config import load_grpo_recipe, load_sft_recipe
+from align.rl.losses import policy_loss, truncated_is_weights
+from align.trainers import engine as ds_setup
+from align.trainers.grpo_learner import token_logprobs
+from align.trainers.rollout_batch import split_shards
+from align.trainers.sft_learner import token_nll_sum
+
+ROOT = Path(__file__).resolve().parents[2]
+WORLD = 2
+PROMPTS, GROUP, MICRO, MAX_NEW = 4, 4, 2, 8  # 16 rows: 8 per learner, 4 micro-batches each
+ROWS = PROMPTS * GROUP
+# rows kept out of the loss: a masked row (failed reward), a filler group (dynamic sampling), a truncated row
+# (truncated: mask); rows 8-9 are one whole micro-batch with nothing that counts
+MASKED_ROWS = (2, 8, 9, 10, 11, 13)
+NO_BALANCE = ["moe.alpha_expert=0", "moe.alpha_device=0", "moe.alpha_comm=0"]
+BALANCE = ["moe.alpha_expert=0.01", "moe.alpha_device=0.05", "moe.alpha_comm=0.02"]
+
+# name -> algorithm fields; every aggregation, with and without TIS, and off-policy (pi_old = the engine's
+# log-probs, so ratios differ from 1 and clipping binds)
+LOSSES = {
+    "grpo": {"aggregation": "seq_mean_token_mean"},
+    "dapo": {"aggregation": "token_mean", "clip_eps_high": 0.28},
+    "dr_grpo": {"aggregation": "seq_mean_token_sum_norm"},
+    "gspo": {"aggregation": "seq_mean_token_mean", "ratio_level": "sequence", "clip_eps": 3e-4,
+             "clip_eps_high": 4e-4},
+}
+VARIANTS = {"on_policy": {}, "tis": {"tis_cap": 1.3}, "off_policy": {"overlap_rollout": True}}
+
+
+def grpo_recipe(zero_stage: int, balance: bool = False) -> Any:
+    return load_grpo_recipe(ROOT / "recipes" / "grpo-tiny.yaml", [
+        "model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny",
+        f"algorithm.prompts_per_step={PROMPTS}", f"algorithm.group_size={GROUP}", "algorithm.kl_coef=0",
+        "algorithm.dynamic_sampling=false", f"train.micro_batch_size={MICRO}", "train.lr=0", "train.max_grad_norm=0",
+        f"rollout.max_new_tokens={MAX_NEW}", f"cluster.num_workers={WORLD}", f"deepspeed.zero_stage={zero_stage}",
+        *(BALANCE if balance else NO_BALANCE)])
+
+
+def with_algorithm(recipe: Any, **fields: Any) -> Any:
+    return dataclasses.replace(recipe, algorithm=dataclasses.replace(recipe.algorithm, **fields))
+
+
+def grpo_cases() -> dict[str, dict[str, Any]]:
+    """case name -> algorithm fields (balance losses off); "balance" is grpo with them on."""
+    cases = {f"{loss}-{variant}": {**LOSSES[loss], **VARIANTS[variant]} for loss in LOSSES for variant in VARIANTS}
+    cases["balance"] = dict(LOSSES["grpo"])
+    return cases
+
+
+def rollout_batch(vocab: int, pad_id: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """16 rows of prompt + completion, right-padded, prompts of 2-5 tokens, completions of 1-8: input_ids,
+    completion mask (the rows in MASKED_ROWS all 0), the engine's log-probs and group advantages."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt_len = torch.randint(2, 6, (PROMPTS,), generator=generator).repeat_interleave(GROUP)
+    completion_len = torch.randint(1, MAX_NEW + 1, (ROWS,), generator=generator)
+    width = int((prompt_len + completion_len).max())
+    input_ids = torch.full((ROWS, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(ROWS, width)
+    for row in range(ROWS):
+        end = int(prompt_len[row] + completion_len[row])
+        input_ids[row, :end] = torch.randint(3, vocab, (end,), generator=generator)
+        mask[row, int(prompt_len[row]):end] = 1.0
+    mask[list(MASKED_ROWS)] = 0.0
+    # the engine's log-probs: about the learner's (an untrained model is near -log vocab) +- 0.3, so TIS weights
+    # and off-policy ratios are not all 1, and some clip
+    noise = (torch.rand(ROWS, width, generator=generator) - 0.5) * 0.6
+    rollout_logp = (noise - math.log(vocab)) * (mask > 0)
+    advantages = torch.randn(ROWS, generator=generator) * (mask.sum(-1) > 0)
+    return {"input_ids": input_ids, "mask": mask, "rollout_logp": rollout_logp, "advantages": advantages}
+
+
+def shards(batch: dict[str, torch.Tensor], aggregation: str) -> list[Any]:
+    return split_shards(batch["input_ids"], batch["mask"], batch["rollout_logp"], batch["advantages"], WORLD,
+                        aggregation, MAX_NEW)
+
+
+def grpo_reference(model: torch.nn.Module, recipe: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gradient of ONE `policy_loss` call over the rows that count (Dr. GRPO: all P x G rows, its fixed
+    denominator B x L_max), plus, when the recipe's balance losses are on, their mean over those rows in one
+    call; the forward runs in the learners' micro-batches (the same numbers, rounded the same way)."""
+    algo, temperature = recipe.algorithm, recipe.rollout.temperature
+    rows = torch.arange(ROWS) if algo.aggregation == "seq_mean_token_sum_norm" \
+        else torch.nonzero(batch["mask"].sum(-1) > 0).flatten()
+    model.zero_grad()
+    logps, router = [], []
+    for start in range(0, ROWS, MICRO):
+        outputs = model(input_ids=batch["input_ids"][start:start + MICRO], use_cache=False, output_router_logits=True)
+        logps.append(token_logprobs(outputs.logits, batch["input_ids"][start:start + MICRO], temperature))
+        router.append(ds_setup.router_logits(outputs))
+    logp, mask = torch.cat(logps)[rows], batch["mask"][rows]
+    rollout_logp = batch["rollout_logp"][rows]
+    old = rollout_logp if algo.overlap_rollout else logp.detach()
+    is_weights = truncated_is_weights(old, rollout_logp, algo.tis_cap) if algo.tis_cap is not None else None
+    loss, _ = policy_loss(logp, old, batch["advantages"][rows], mask, eps_low=algo.clip_eps,
+                          eps_high=algo.clip_eps_high, aggregation=algo.aggregation, ratio_level=algo.ratio_level,
+                          max_completion_length=MAX_NEW, is_weights=is_weights)
+    moe = recipe.moe
+    if moe.alpha_expert or moe.alpha_device or moe.alpha_comm:
+        width = batch["mask"].shape[1]
+        full_mask = batch["mask"]
+        segments = torch.where(full_mask > 0, torch.arange(ROWS)[:, None].expand(ROWS, width), -1).flatten()
+        per_layer = tuple(torch.cat([micro[layer] for micro in router]) for layer in range(len(router[0])))
+        loss = loss + sum(ds_setup.balance_losses_for(per_layer, segments, model.config, moe).values())
+    loss.backward()
+    return {name: param.grad.detach().clone() for name, param in model.named_parameters()}
+
+
+def sft_recipe(zero_stage: int, balance: bool) -> Any:
+    return load_sft_recipe(ROOT / "recipes" / "sft-tiny.yaml", [
+        "train.micro_batch_size=2", "train.grad_accum=3", "data.max_length=48", "train.lr=0",
+        "train.max_grad_norm=0", f"cluster.num_workers={WORLD}", f"deepspeed.zero_stage={zero_stage}",
+        *(BALANCE if balance else NO_BALANCE)])
+
+
+def sft_reference(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]]
+                  ) -> dict[str, torch.Tensor]:
+    """The gradient of the token mean over every target token of the step (all micro-batches of both ranks)
+    in one sum / one count, plus the balance losses' mean over every sample of the step in one call."""
+    model.zero_grad()
+    total, count, router, segments, offset = 0.0, 0, [], [], 0
+    for batch in batches:
+        outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                        attention_mask=batch["attention_mask"], use_cache=False, output_router_logits=True)
+        nll, n = token_nll_sum(outputs.logits, batch["labels"])
+        total, count = total + nll, count + n
+        router.append(ds_setup.router_logits(outputs))
+        ids = batch["segment_ids"].flatten()
+        segments.append(torch.where(ids >= 0, ids + offset, -1))  # unique over the whole step
+        offset += int(ids.max()) + 1
+    loss = total / count
+    moe = recipe.moe
+    if moe.alpha_expert or moe.alpha_device or moe.alpha_comm:
+        per_layer = tuple(torch.cat([micro[layer] for micro in router]) for layer in range(len(router[0])))
+        loss = loss + sum(ds_setup.balance_losses_for(per_layer, torch.cat(segments), model.config, moe).values())
+    loss.backward()
+    return {name: param.grad.detach().clone() for name, param in model.named_parameters()}

@@ -1,0 +1,102 @@
+"""What the learners apply equals the math: the full gradient that real DeepSpeed learners (2 ranks over gloo,
+4 GRPO / 3 SFT micro-batches each, ZeRO-2 and ZeRO-3, clipping off) hold at the accumulation boundary, before
+the optimizer step, equals the gradient of one loss call over the whole batch in one process.
+
+GRPO: every aggregation (DeepSeekMath, DAPO token mean, Dr. GRPO's fixed B x L_max, GSPO sequence ratios), on
+policy, with TIS and off policy (clipping binds), over a batch with a masked row, a filler group, a truncated row
+and one micro-batch with no row that counts; the MoE balance losses off (alpha 0), then on against their own
+one-call mean. SFT: packed rows of unequal target counts over micro-batches and ranks, balance losses off and on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.models.loading import build_model, load_tokenizer
+from tests.helpers import gradients
+
+pytestmark = pytest.mark.slow
+
+# fp32 throughout; the reference sums the same numbers in another order, so elements of a parameter's gradient
+# far below its largest one may differ by rounding relative to that largest element
+RTOL = 1e-6
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_learners(mode: str, zero_stage: int, out: Path) -> None:
+    """Both ranks of `tests/helpers/grad_worker.py`, to completion."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    ranks = [subprocess.Popen([sys.executable, "-m", "tests.helpers.grad_worker", mode, str(zero_stage), str(rank),
+                               str(port), str(out)], cwd=gradients.ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in range(gradients.WORLD)]
+    outputs = [rank.communicate(timeout=600)[0] for rank in ranks]
+    for rank, output in zip(ranks, outputs):
+        assert rank.returncode == 0, output[-4000:]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def learner_runs(request, tmp_path_factory) -> tuple[int, Path]:
+    out = tmp_path_factory.mktemp(f"grads-zero{request.param}")
+    run_learners("grpo", request.param, out)
+    run_learners("sft", request.param, out)
+    return request.param, out
+
+
+def reference_model(recipe, weights: Path) -> torch.nn.Module:
+    model = build_model(recipe.model, load_tokenizer(recipe.model.tokenizer or recipe.model.path))
+    model.load_state_dict(torch.load(weights))
+    return model.float().train()
+
+
+def assert_same_gradients(applied: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert applied.keys() == reference.keys()
+    nonzero = 0
+    for name, expected in reference.items():
+        got = applied[name].reshape(expected.shape)
+        scale = float(expected.abs().max())
+        nonzero += scale > 0
+        torch.testing.assert_close(got, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m, n=name: f"{n}: {m}")
+    assert nonzero > len(reference) // 2, "most parameters should get a gradient"
+
+
+@pytest.mark.parametrize("case", list(gradients.grpo_cases()))
+def test_grpo_learners_apply_the_gradient_of_one_loss_over_the_batch(learner_runs, case: str) -> None:
+    zero_stage, out = learner_runs
+    recipe = gradients.with_algorithm(gradients.grpo_recipe(zero_stage, balance=case == "balance"),
+                                      **gradients.grpo_cases()[case])
+    model = reference_model(recipe, out / "weights-grpo.pt")
+    tokenizer = load_tokenizer(recipe.model.tokenizer)
+    reference = gradients.grpo_reference(model, recipe, gradients.rollout_batch(len(tokenizer), tokenizer.pad_token_id))
+    ranks = [torch.load(out / f"grpo-{case}-rank{rank}.pt") for rank in range(gradients.WORLD)]
+    for saved in ranks:  # every rank holds (its view of) the same full gradient
+        assert_same_gradients(saved["grads"], reference)
+    if case == "balance":
+        assert ranks[0]["metrics"]["balance_loss"] > 0
+
+
+@pytest.mark.parametrize("case", ["no_balance", "balance"])
+def test_sft_learners_apply_the_gradient_of_the_step_token_mean(learner_runs, case: str) -> None:
+    zero_stage, out = learner_runs
+    recipe = gradients.sft_recipe(zero_stage, balance=case == "balance")
+    ranks = [torch.load(out / f"sft-{case}-rank{rank}.pt") for rank in range(gradients.WORLD)]
+    batches = [batch for saved in ranks for batch in saved["batches"]]
+    targets = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+    assert len(batches) == 6 and len(set(targets)) > 1, f"micro-batches should differ in target count: {targets}"
+    reference = gradients.sft_reference(reference_model(recipe, out / "weights-sft.pt"), recipe, batches)
+    for saved in ranks:
+        assert_same_gradients(saved["grads"], reference)
