@@ -82,8 +82,8 @@ BENCH_OVERRIDES = [
     "train.schedule=constant", "train.warmup_steps=0",
     "data.heldout=null", "model.dtype=float32", "deepspeed.precision=fp32", "output.save_every=0",
 ]
-# align's loss aggregation -> TRL's loss_type of the same formula.
-TRL_LOSS_TYPES = {"seq_mean_token_mean": "grpo", "token_mean": "bnpo", "seq_mean_token_sum_norm": "dr_grpo"}
+# align's loss aggregation -> TRL's loss_type of the same formula (align's token mean is over the whole batch).
+TRL_LOSS_TYPES = {"seq_mean_token_mean": "grpo", "token_mean": "dapo", "seq_mean_token_sum_norm": "dr_grpo"}
 LABELS = {"align": "align grpo (1 learner + 1 rollout actor, Ray)", "trl": "TRL GRPOTrainer (1 process)"}
 # Rows of the phase table: label, align's phase, TRL's phase (None: the side has no such phase).
 PHASES = [

@@ -108,6 +108,31 @@ def test_section_defaults_keep_their_own_values():
     assert recipe.train.grad_accum == 8 * 8 // 2 // 8  # prompts x G / learners / micro-batch
 
 
+def test_gspo_ratios_get_their_own_clip_defaults_and_the_held_out_reward_its_args():
+    from align.config import load_grpo_recipe
+    from align.trainers.grpo import heldout_reward_args
+
+    fresh = ["model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny"]
+    token = load_grpo_recipe("recipes/grpo-tiny.yaml", fresh)
+    assert (token.algorithm.clip_eps, token.algorithm.clip_eps_high) == (0.2, None)
+    gspo = load_grpo_recipe("recipes/grpo-tiny.yaml", [*fresh, "algorithm.ratio_level=sequence"])
+    assert (gspo.algorithm.clip_eps, gspo.algorithm.clip_eps_high) == (3e-4, 4e-4)  # GSPO paper, sec. 5.1
+    chosen = load_grpo_recipe("recipes/grpo-tiny.yaml", [*fresh, "algorithm.ratio_level=sequence",
+                                                          "algorithm.clip_eps=1e-3"])
+    assert (chosen.algorithm.clip_eps, chosen.algorithm.clip_eps_high) == (1e-3, None)  # as given: symmetric
+    rm = {"name": "reward_model", "args": {"path": "runs/rm-tiny/final"}}
+    recipe = load_grpo_recipe("recipes/grpo-tiny.yaml", [*fresh, f"rewards=[{rm}]",
+                                                          "data.heldout_reward=reward_model"])
+    assert heldout_reward_args(recipe) == {"path": "runs/rm-tiny/final"}
+    recipe = load_grpo_recipe("recipes/grpo-tiny.yaml", [*fresh, "data.heldout_reward_args={strict: true}"])
+    assert heldout_reward_args(recipe) == {"strict": True}
+    assert heldout_reward_args(token) == {}
+    from align.trainers.grpo_learner import optimizer_steps
+
+    twice = load_grpo_recipe("recipes/grpo-tiny.yaml", [*fresh, "algorithm.updates_per_batch=2"])
+    assert optimizer_steps(twice) == 2 * twice.algorithm.steps  # the lr schedule's length
+
+
 def test_grpo_batch_that_does_not_split_over_learners():
     from align.config import load_grpo_recipe
 

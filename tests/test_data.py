@@ -11,6 +11,7 @@ import torch
 from align.config.schema import SFTDataConfig
 from align.data.chat import IGNORE_INDEX, check_messages, tokenize_chat
 from align.data.packing import collate, pack_batches
+from align.data.prompts import PromptSampler
 from align.data.sources import DataError, iter_rows
 from align.data.stream import SFTStream, shuffle_buffered
 from tests.conftest import TINY_SFT
@@ -192,3 +193,20 @@ def test_prompt_rows_missing_fields_are_named_or_skipped(tmp_path, tokenizer):
     assert [p.origin for p in prompts] == [f"{path}:1", f"{path}:4"]
     assert [str(e).split(": ")[1] for e in skipped] == ["no 'answer' column", "invalid JSON (Expecting property name "
                                                         "enclosed in double quotes at column 2)"]
+
+
+def test_prompt_sampler_draws_each_epoch_as_one_seeded_permutation_and_resumes_exactly():
+    prompts = list(range(7))  # the sampler only indexes its prompts
+    sampler = PromptSampler(prompts, seed=3)
+    drawn = sampler.next(5) + sampler.next(9) + sampler.next(7)  # 21 draws: three epochs, batches across them
+    epochs = [drawn[0:7], drawn[7:14], drawn[14:21]]
+    for epoch, order in enumerate(epochs):
+        assert sorted(order) == prompts  # without replacement within an epoch
+        expected = list(range(7))
+        random.Random(f"3-{epoch}").shuffle(expected)
+        assert order == expected
+    assert epochs[0] != epochs[1]
+    resumed = PromptSampler(prompts, seed=3)
+    resumed.position = 12  # mid-epoch, as a checkpoint stores it
+    assert resumed.next(9) == drawn[12:21]
+    assert PromptSampler(prompts, seed=4).next(7) != epochs[0]

@@ -101,6 +101,21 @@ def test_overlapped_rollout_trains_every_phase(ray_cluster, tmp_path):
     assert_trained(run_dir, steps)
 
 
+def test_process_supervision_trains_on_step_rewards(ray_cluster, tmp_path):
+    """algorithm.advantage=process with a reward that scores steps: per-token advantages reach the learners
+    and the (step-level) reward rises."""
+    steps = 8
+    recipe = recipe_for(tmp_path, "rewards=[{name: 'tests.helpers.rewards:digit_steps'}]",
+                        "algorithm.advantage=process", f"algorithm.steps={steps}", "train.lr=1e-2",
+                        "algorithm.prompts_per_step=8", "train.micro_batch_size=16", "rollout.max_new_tokens=24")
+    with grpo_session(recipe) as (run, run_dir, latest):
+        train(run, run_dir, latest)
+        batch = run.last_sampled
+        assert batch.steps is not None and all(batch.steps), "every completion has its steps"
+        assert any(len(s) > 1 for s in batch.steps)
+    assert_trained(run_dir, steps)
+
+
 def test_dynamic_sampling_refills_until_every_trained_group_has_signal(ray_cluster, tmp_path):
     # Even-answer prompts always score 0: with P=4 a first rollout rarely holds 4 informative groups.
     run = GRPORun(recipe_for(tmp_path, "rewards=[{name: 'tests.helpers.rewards:odd_answers_only'}]",

@@ -46,3 +46,43 @@ def test_fill_batch_tops_up_with_zero_std_groups_kept_out_of_the_loss():
     assert [p.answer for p in batch.prompts] == ["1", "0", "2"]
     assert batch.in_loss.tolist() == [[1, 1], [0, 0], [0, 0]]
     assert len(batch.completions) == 6
+
+
+def test_process_supervision_advantages_from_a_step_reward_land_on_each_steps_tokens():
+    """math_steps on real tokenized completions -> per-token advantages in the rows' layout, by hand."""
+    from align.models.loading import load_tokenizer
+    from align.trainers.reward_pool import RewardValues
+    from align.trainers.rollout_batch import completion_steps, process_token_advantages
+    from rewards.base import Sample
+    from rewards.math import math_steps
+    from tests.conftest import TINY_TOKENIZER
+
+    tokenizer = load_tokenizer(str(TINY_TOKENIZER))
+    texts = ["1 + 1 = 2\n#### 2", "1 + 1 = 3\n#### 3", "1 + 1 = 2\n#### 2"]  # right, wrong, a filler's
+    prompts = [Prompt([{"role": "user", "content": "1 + 1 ="}], [7, 8, 9], "2", "f:1", {"answer": "2"}),
+               Prompt([{"role": "user", "content": "2 + 2 ="}], [7, 8], "4", "f:2", {"answer": "4"})]
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    completions = [Completion(0, ids[0], [0.0] * len(ids[0]), True), Completion(0, ids[1], [0.0] * len(ids[1]), True),
+                   Completion(1, ids[2], [0.0] * len(ids[2]), True), Completion(1, ids[2], [0.0] * len(ids[2]), True)]
+    decoded = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+    assert decoded[:2] == texts[:2]
+    scores = math_steps([Sample(prompts[c.prompt_index].messages, text, prompts[c.prompt_index].row)
+                         for c, text in zip(completions, decoded)])
+    scored = RewardValues({"math_steps": scores.values}, steps={"math_steps": scores.steps})
+    rewards = torch.tensor(scores.values)
+    steps = completion_steps(completions, decoded, scored, rewards, {"math_steps": 1.0},
+                             lambda t: tokenizer.decode(t, skip_special_tokens=True))
+    newline = ids[0].index(tokenizer.encode("\n", add_special_tokens=False)[0])
+    assert steps[0] == [(1.0, newline + 1), (1.0, len(ids[0]))]  # the first line, newline included; the answer
+    assert steps[1] == [(0.0, newline + 1), (0.0, len(ids[1]))]
+    batch = ScoredGroups(prompts, completions, rewards.view(2, 2), torch.tensor([[1.0, 1.0], [0.0, 0.0]]), steps)
+    input_ids, _, _ = rollout_tensors(prompts, completions, pad_id=0)
+    advantages = process_token_advantages(batch, input_ids.shape[1])
+    # group 0's four steps (1, 1, 0, 0): mean 0.5, std sqrt(1/3); each normalised +-0.5 / sqrt(1/3) = +-0.866
+    unit = 0.5 / (1 / 3) ** 0.5 / (1 + 1e-4 / (1 / 3) ** 0.5)  # (r - mean) / (std + eps)
+    first = torch.zeros(input_ids.shape[1])
+    first[3:3 + newline + 1] = 2 * unit  # tokens of step 1 collect steps 1 and 2
+    first[3 + newline + 1:3 + len(ids[0])] = unit
+    torch.testing.assert_close(advantages[0], first)
+    torch.testing.assert_close(advantages[1, :3 + len(ids[1])], -first[:3 + len(ids[1])])
+    assert (advantages[2:] == 0).all()  # a filler group (out of the loss) has no advantages

@@ -171,6 +171,9 @@ class GRPORecipe:
             raise ValueError(f"train.grad_accum is derived for GRPO (completions per learner / micro_batch_size = "
                              f"{derived}); leave it out")
         self.train.grad_accum = derived
+        if self.algorithm.advantage == "process" and self.algorithm.truncated == "penalty":
+            raise ValueError("algorithm.truncated=penalty sets an outcome reward; with algorithm.advantage=process "
+                             "use truncated=mask or none")
         if self.rollout.placement == "colocated" and self.algorithm.overlap_rollout:
             raise ValueError("algorithm.overlap_rollout needs rollout.placement=split: colocated engines sleep "
                              "while the learners update")

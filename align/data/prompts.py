@@ -76,18 +76,26 @@ def load_prompt_sets(data: Any, tokenizer: Any) -> PromptSets:
 
 
 class PromptSampler:
-    """Draws prompts without replacement, epoch after epoch, in a seeded order."""
+    """Draws prompts without replacement, epoch after epoch, in a seeded order: epoch e is the permutation
+    of random.Random(f"{seed}-{e}"), shuffled once and kept until the epoch ends. The state is `position`
+    alone (prompts drawn so far), so setting it resumes the exact sequence."""
 
     def __init__(self, prompts: list[Prompt], seed: int):
         self.prompts, self.seed = prompts, seed
         self.position = 0  # prompts drawn so far, over all epochs
+        self._epoch, self._order = -1, []  # the permutation of epoch `_epoch`
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            self._order = list(range(len(self.prompts)))
+            random.Random(f"{self.seed}-{epoch}").shuffle(self._order)
+            self._epoch = epoch
+        return self._order
 
     def next(self, count: int) -> list[Prompt]:
         drawn = []
         for _ in range(count):
             epoch, index = divmod(self.position, len(self.prompts))
-            order = list(range(len(self.prompts)))
-            random.Random(f"{self.seed}-{epoch}").shuffle(order)
-            drawn.append(self.prompts[order[index]])
+            drawn.append(self.prompts[self.order(epoch)[index]])
             self.position += 1
         return drawn

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -40,7 +41,14 @@ from align.rl.advantages import group_advantages, handle_truncated, select_infor
 from align.trainers.grpo_learner import GRPOLearner
 from align.trainers.learner_group import export_model, save_checkpoint, truncate_metrics
 from align.trainers.reward_pool import RewardPool
-from align.trainers.rollout_batch import ScoredGroups, fill_batch, rollout_tensors, split_shards
+from align.trainers.rollout_batch import (
+    ScoredGroups,
+    completion_steps,
+    fill_batch,
+    process_token_advantages,
+    rollout_tensors,
+    split_shards,
+)
 from align.trainers.rollout_pool import PendingRollout, RolloutPool
 from align.trainers.run_control import RunControl
 from rewards.base import Sample
@@ -86,12 +94,20 @@ def sampling_metrics(sampled: ScoredGroups, values: dict[str, list[float | None]
             "truncated": 1 - sum(c.finished for c in sampled.completions) / len(sampled.completions)}
 
 
+def heldout_reward_args(recipe: GRPORecipe) -> dict[str, Any]:
+    """data.heldout_reward_args, else the args of the `rewards` entry with the held-out reward's name, else {}."""
+    if recipe.data.heldout_reward_args is not None:
+        return recipe.data.heldout_reward_args
+    return next((spec.args for spec in recipe.rewards if spec.name == recipe.data.heldout_reward), {})
+
+
 class GRPORun:
     def __init__(self, recipe: GRPORecipe, prompts: PromptSets | None = None):
         self.recipe = recipe
         self.pending: PendingRollout | None = None  # overlap: the next step's rollout, already started
         self.pending_position = 0  # the sampler's position before the pending rollout drew its prompts
         self.heldout_before: float | None = None
+        self.heldout_scorer: Any = None  # data.heldout_reward, built (with its args) at its first use
         self.tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
         prompts = prompts or load_prompt_sets(recipe.data, self.tokenizer)
         self.sampler, self.heldout = PromptSampler(prompts.train, recipe.data.seed), prompts.heldout
@@ -169,7 +185,9 @@ class GRPORun:
         completions = self.generate(self.heldout, SamplingConfig(n=1, max_new_tokens=max_new_tokens, temperature=0))
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         name = self.recipe.data.heldout_reward
-        scores = score(name, build(name, {}), [Sample(self.heldout[c.prompt_index].messages, text,
+        if self.heldout_scorer is None:
+            self.heldout_scorer = build(name, heldout_reward_args(self.recipe))
+        scores = score(name, self.heldout_scorer, [Sample(self.heldout[c.prompt_index].messages, text,
                                                       self.heldout[c.prompt_index].row, len(c.token_ids))
                                                for c, text in zip(completions, texts)])
         return sum(v or 0.0 for v in scores.values) / len(scores.values)
@@ -203,8 +221,13 @@ class GRPORun:
             rewards, in_loss = handle_truncated(rewards, torch.ones(len(completions), 1), truncated,
                                                 algo.truncated, algo.truncation_penalty)
             in_loss = in_loss.squeeze(1) * ~rewards.isnan()
+            steps = None
+            if algo.advantage == "process":
+                weights = {spec.name: spec.weight for spec in recipe.rewards}
+                steps = completion_steps(completions, texts, scored, rewards, weights,
+                                         functools.partial(self.tokenizer.decode, skip_special_tokens=True))
         shape = (len(prompts), algo.group_size)
-        return ScoredGroups(prompts, completions, rewards.view(shape), in_loss.view(shape)), scored.values
+        return ScoredGroups(prompts, completions, rewards.view(shape), in_loss.view(shape), steps), scored.values
 
     def check_reward_failures(self, metrics: dict[str, Any]) -> None:
         """Stop when more than `max_failure_rate` of the last `window` steps' samples had no valid reward."""
@@ -250,8 +273,11 @@ class GRPORun:
             input_ids, mask, rollout_logp = rollout_tensors(batch.prompts, batch.completions,
                                                             self.tokenizer.pad_token_id)
             mask = mask * batch.in_loss.flatten()[:, None]
-            valid = ~batch.rewards.isnan()  # [P, G], False where a reward call failed
-            advantages = group_advantages(batch.rewards, algo.advantage_scale, valid=valid).flatten()  # [P * G]
+            if algo.advantage == "process":  # [P * G, width]: each token its step's and the later steps' rewards
+                advantages = process_token_advantages(batch, input_ids.shape[1])
+            else:
+                valid = ~batch.rewards.isnan()  # [P, G], False where a reward call failed
+                advantages = group_advantages(batch.rewards, algo.advantage_scale, valid=valid).flatten()  # [P * G]
             shards = split_shards(input_ids, mask, rollout_logp, advantages, len(self.learners), algo.aggregation,
                                   self.recipe.rollout.max_new_tokens)
         with phases("update"):

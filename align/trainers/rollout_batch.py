@@ -6,13 +6,17 @@ No Ray here: the GPU check script and tests build shards directly.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from align.data.prompts import Prompt
+from align.rl.advantages import process_advantages
 from align.rl.losses import Aggregation, loss_normaliser
+from align.rl.steps import merge_steps, step_tensors, step_token_ends
 from align.trainers.grpo_learner import RolloutShard
+from align.trainers.reward_pool import RewardValues
 from rollout.torch_engine import Completion
 
 
@@ -30,6 +34,17 @@ def rollout_tensors(prompts: list[Prompt], completions: list[Completion], pad_id
         mask[r, len(prompt):end] = 1.0
         rollout_logp[r, len(prompt):end] = torch.tensor(completion.logprobs)
     return input_ids, mask, rollout_logp
+
+
+def completion_values_to_rows(values: torch.Tensor, prompts: list[Prompt], completions: list[Completion],
+                              width: int) -> torch.Tensor:
+    """Per-token values of each completion [N, T] (token t of completion i at [i, t]) placed at that token's
+    position in its `rollout_tensors` row [N, width] (after its prompt); 0 on prompt and padding."""
+    rows = values.new_zeros(len(completions), width)
+    for r, completion in enumerate(completions):
+        start, length = len(prompts[completion.prompt_index].token_ids), len(completion.token_ids)
+        rows[r, start:start + length] = values[r, :length]
+    return rows
 
 
 def split_shards(input_ids: torch.Tensor, mask: torch.Tensor, rollout_logp: torch.Tensor, advantages: torch.Tensor,
@@ -52,6 +67,7 @@ class ScoredGroups:
     completions: list[Completion]  # [P * G]; completion.prompt_index indexes `prompts`
     rewards: torch.Tensor  # [P, G] total reward after the truncation rule
     in_loss: torch.Tensor  # [P, G] 1.0 where the completion enters the loss (truncated=mask zeroes some)
+    steps: list[list[tuple[float, int]]] | None = None  # process supervision: per completion (score, token end)
 
     @property
     def group_size(self) -> int:
@@ -64,7 +80,8 @@ class ScoredGroups:
                        for new, old in enumerate(groups) for c in self.completions[old * size:(old + 1) * size]]
         index = torch.tensor(groups, dtype=torch.long)
         weight = self.in_loss[index] if in_loss else torch.zeros(len(groups), size)
-        return ScoredGroups([self.prompts[i] for i in groups], completions, self.rewards[index], weight)
+        steps = None if self.steps is None else [self.steps[old * size + g] for old in groups for g in range(size)]
+        return ScoredGroups([self.prompts[i] for i in groups], completions, self.rewards[index], weight, steps)
 
     @staticmethod
     def concat(parts: list[ScoredGroups]) -> ScoredGroups:
@@ -73,8 +90,9 @@ class ScoredGroups:
             prompts += part.prompts
             completions += [dataclasses.replace(c, prompt_index=c.prompt_index + offset) for c in part.completions]
             offset += len(part.prompts)
+        steps = None if any(p.steps is None for p in parts) else [s for p in parts for s in p.steps]
         return ScoredGroups(prompts, completions, torch.cat([p.rewards for p in parts]),
-                            torch.cat([p.in_loss for p in parts]))
+                            torch.cat([p.in_loss for p in parts]), steps)
 
 
 def fill_batch(sampled: ScoredGroups, informative: list[int], prompts_per_step: int) -> ScoredGroups:
@@ -88,3 +106,40 @@ def fill_batch(sampled: ScoredGroups, informative: list[int], prompts_per_step: 
     skipped = set(informative)
     fillers = [g for g in range(len(sampled.prompts)) if g not in skipped][:missing]
     return ScoredGroups.concat([chosen, sampled.select(fillers, in_loss=False)])
+
+
+def completion_steps(completions: list[Completion], texts: list[str], scored: RewardValues, rewards: torch.Tensor,
+                     weights: dict[str, float], decode: Callable[[list[int]], str]) -> list[list[tuple[float, int]]]:
+    """Process supervision: each completion's weighted step rewards with their token ends (`merge_steps`, then
+    `step_token_ends`). A reward that scores no steps counts as one step at the end; a completion whose reward
+    call failed has its total reward (the recipe's fallback) as its one step, or no step when it has none (it is
+    then out of the loss).
+
+    Args:
+        completions, texts: the sampled completions and their decoded text (`decode` of their token ids).
+        scored: the reward pool's values and steps, per reward name.
+        rewards: [N] total reward of each completion (NaN where invalid).
+        weights: reward name -> c_k.
+        decode: how `texts` were decoded from token ids.
+    """
+    per_completion = []
+    for i, (completion, text) in enumerate(zip(completions, texts)):
+        merged = merge_steps({name: column[i] for name, column in scored.steps.items()}, weights,
+                             {name: column[i] for name, column in scored.values.items()}, len(text))
+        if merged is None:
+            merged = [] if rewards[i].isnan() else [(float(rewards[i]), len(text))]
+        ends = step_token_ends(completion.token_ids, [end for _, end in merged], decode)
+        per_completion.append([(score, end) for (score, _), end in zip(merged, ends)])
+    return per_completion
+
+
+def process_token_advantages(batch: ScoredGroups, width: int) -> torch.Tensor:
+    """Process-supervision advantages (DeepSeekMath 4.1.3) in the rows' layout [P * G, width]: the steps of the
+    completions in the loss, normalised over their group, each token getting the sum over its own step and the
+    later ones (`process_advantages`); completions out of the loss (masked, fillers, failed) join no group
+    statistics."""
+    step_rewards, step_mask, step_ends = step_tensors(batch.steps, batch.group_size)
+    step_mask &= batch.in_loss[:, :, None] > 0
+    longest = max(len(c.token_ids) for c in batch.completions)
+    per_token = process_advantages(step_rewards, step_mask, step_ends, num_tokens=longest)  # [P, G, T]
+    return completion_values_to_rows(per_token.flatten(0, 1), batch.prompts, batch.completions, width)

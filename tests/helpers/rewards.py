@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from rewards.base import Sample
+from rewards.base import Sample, Scores, Step
 
 
 def digit_fraction(samples: list[Sample], **_: Any) -> list[float]:
@@ -36,3 +36,15 @@ def flaky(samples: list[Sample], mode: str = "raise", every: int = 1, **_: Any) 
         if mode == "die":
             os._exit(1)
     return digit_fraction(samples)
+
+
+def digit_steps(samples: list[Sample], every: int = 4, **_: Any) -> Scores:
+    """Process supervision with a dense signal for an untrained model: a step every `every` characters, scoring
+    its share of digits; the outcome value is the completion's digit share (digit_fraction)."""
+    steps = []
+    for s in samples:
+        text = s.completion
+        ends = list(range(every, len(text), every)) + [len(text)] if text else []
+        starts = [0] + ends[:-1]
+        steps.append([Step(sum(ch.isdigit() for ch in text[a:b]) / (b - a), b) for a, b in zip(starts, ends)] or None)
+    return Scores(digit_fraction(samples), steps=steps)
