@@ -81,12 +81,36 @@ def test_grpo_learners_apply_the_gradient_of_one_loss_over_the_batch(learner_run
                                       **gradients.grpo_cases()[case])
     model = reference_model(recipe, out / "weights-grpo.pt")
     tokenizer = load_tokenizer(recipe.model.tokenizer)
-    reference = gradients.grpo_reference(model, recipe, gradients.rollout_batch(len(tokenizer), tokenizer.pad_token_id))
+    batch = gradients.case_batch(case, len(tokenizer), tokenizer.pad_token_id)
+    reference, loss = gradients.grpo_reference(model, recipe, batch)
     ranks = [torch.load(out / f"grpo-{case}-rank{rank}.pt") for rank in range(gradients.WORLD)]
     for saved in ranks:  # every rank holds (its view of) the same full gradient
         assert_same_gradients(saved["grads"], reference)
+    # the loss the learners report (each its share x world, averaged over ranks by the driver) is the batch's
+    assert sum(saved["metrics"]["loss"] for saved in ranks) / len(ranks) == pytest.approx(loss, rel=1e-5, abs=1e-7)
     if case == "balance":
         assert ranks[0]["metrics"]["balance_loss"] > 0
+    if case == "rank1_masked":  # that learner still takes part: its zero gradient is summed with the other's
+        assert gradients.shards(batch, "seq_mean_token_mean")[1].completion_mask.sum() == 0
+
+
+def test_a_batch_in_which_nothing_counts_takes_no_optimizer_step(learner_runs):
+    _, out = learner_runs
+    cases = len(gradients.grpo_cases())
+    for rank in range(gradients.WORLD):
+        saved = torch.load(out / f"grpo-empty-rank{rank}.pt")
+        assert saved["metrics"]["empty_updates"] == 1 and saved["metrics"]["loss"] == 0
+        assert saved["steps"] == cases  # one optimizer step per case before it, none for it
+
+
+def test_the_normaliser_each_learner_is_given_is_the_whole_batch_s():
+    batch = gradients.rollout_batch(vocab=300, pad_id=0)
+    counted_rows, counted_tokens = gradients.ROWS - len(gradients.MASKED_ROWS), int(batch["mask"].sum())
+    for aggregation, expected in [("seq_mean_token_mean", counted_rows), ("token_mean", counted_tokens),
+                                  ("seq_mean_token_sum_norm", gradients.ROWS * gradients.MAX_NEW)]:
+        shards = gradients.shards(batch, aggregation)
+        assert [s.loss_normaliser for s in shards] == [expected] * gradients.WORLD, aggregation
+        assert [s.counted_rows for s in shards] == [counted_rows] * gradients.WORLD
 
 
 @pytest.mark.parametrize("case", ["no_balance", "balance"])
@@ -97,6 +121,7 @@ def test_sft_learners_apply_the_gradient_of_the_step_token_mean(learner_runs, ca
     batches = [batch for saved in ranks for batch in saved["batches"]]
     targets = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
     assert len(batches) == 6 and len(set(targets)) > 1, f"micro-batches should differ in target count: {targets}"
-    reference = gradients.sft_reference(reference_model(recipe, out / "weights-sft.pt"), recipe, batches)
+    reference, loss = gradients.sft_reference(reference_model(recipe, out / "weights-sft.pt"), recipe, batches)
     for saved in ranks:
         assert_same_gradients(saved["grads"], reference)
+    assert sum(saved["metrics"]["loss"] for saved in ranks) / len(ranks) == pytest.approx(loss, rel=1e-5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from align.rl.advantages import process_advantages
-from align.rl.steps import merge_steps, step_tensors, step_token_ends
+from align.rl.steps import decoded_prefix_lengths, merge_steps, step_tensors, step_token_ends
 from rewards.base import Sample, Scores, Step
 from rewards.math import evaluate, math_answer, math_steps
 from rewards.registry import RewardError, available, build, score
@@ -103,28 +103,39 @@ def test_step_token_ends_cover_each_line_with_the_tiny_tokenizer():
     for text, answer in [(CHAIN, "-68"), (LEGS, "38")]:
         ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]  # as sampled
         assert decode(ids) == text
+        lengths = decoded_prefix_lengths(ids, tokenizer, text)
+        assert lengths == [len(decode(ids[:k])) for k in range(len(ids) + 1)]  # the stream, as prefix decodes
         steps = math_steps([sample(text, answer)]).steps[0]
-        ends = step_token_ends(ids, [s.end for s in steps], decode)
-        assert ends == sorted(ends) and ends[-1] <= len(ids) - 1  # the EOS decodes to nothing: no step's
+        ends = step_token_ends(lengths, [s.end for s in steps])
+        assert ends == sorted(ends) and ends[-1] == len(ids)  # the last step takes the EOS: stopping is credited
         starts = [0, *ends[:-1]]
         assert [decode(ids[a:b]) for a, b in zip(starts, ends)] == lines(text)  # this tokenizer keeps "\n" apart
 
 
-def test_step_token_ends_edge_cases_with_a_fake_decode():
-    pieces = ["ab", "", "c\n", "de"]  # an empty piece (a skipped special token) and a two-character piece
-    calls = []
+def test_prefix_lengths_count_a_split_character_once_it_is_whole():
+    from align.models.loading import load_tokenizer
 
-    def decode(ids: list[int]) -> str:
-        calls.append(len(ids))
-        return "".join(pieces[i] for i in ids)
+    tokenizer = load_tokenizer(str(TINY_TOKENIZER))
+    text = "x = \u00e9"  # the tiny byte-level tokenizer splits the e-acute over two tokens
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    lengths = decoded_prefix_lengths(ids, tokenizer, text)
+    assert lengths[-1] == len(text) and lengths[-2] == len("x = ")  # a prefix decode would count a U+FFFD
+    assert step_token_ends(lengths, [len(text)]) == [len(ids)]
 
-    ids = [0, 1, 2, 3]  # prefix lengths by k: 0, 2, 2, 4, 6
-    assert step_token_ends(ids, [1, 2, 3, 4, 5, 6], decode) == [1, 1, 3, 3, 4, 4]
-    assert step_token_ends(ids, [7, 0], decode) == [4, 0]  # past the text: clamped to T; 0 needs no token
-    assert step_token_ends([], [3], decode) == [0]
-    calls.clear()
-    step_token_ends(list(range(4)) * 256, [1], lambda ids: decode([i % 4 for i in ids]))
-    assert len(calls) <= 11  # binary search: log2(1024) + 1 decodes per step
+    class Slow:  # no tokenizers backend: each prefix is decoded
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return "ab"[: len(ids)]
+
+    assert decoded_prefix_lengths([5, 6, 7], Slow(), "ab") == [0, 1, 2, 2]
+
+
+def test_step_token_ends_edge_cases():
+    lengths = [0, 2, 2, 4, 6]  # tokens "ab", "" (a skipped special token), "c\n", "de"
+    assert step_token_ends(lengths, [1, 2, 3, 4, 5, 6]) == [1, 1, 3, 3, 4, 4]
+    assert step_token_ends(lengths, [7, 0]) == [4, 0]  # past the text: T; 0 needs no token
+    assert step_token_ends([0, 1, 1], [1]) == [2]  # the text's end takes the trailing EOS
+    assert step_token_ends([0, 0], [0]) == [1]  # a completion that is only EOS: its one step is that token
+    assert step_token_ends([0], [3]) == [0]
 
 
 def test_step_tensors_pad_to_the_most_steps():
@@ -167,10 +178,6 @@ def test_math_completions_end_to_end_to_advantages():
     from align.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(TINY_TOKENIZER))
-
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
     texts = [CHAIN, " 67 - 73 = 6\n#### 6"]
     scored = math_steps([sample(t, "-68") for t in texts])
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
@@ -178,7 +185,7 @@ def test_math_completions_end_to_end_to_advantages():
     for i, text in enumerate(texts):
         merged = merge_steps({"math_steps": scored.steps[i]}, {"math_steps": 1.0}, {"math_steps": scored.values[i]},
                              len(text))
-        token_ends = step_token_ends(ids[i], [end for _, end in merged], decode)
+        token_ends = step_token_ends(decoded_prefix_lengths(ids[i], tokenizer, text), [end for _, end in merged])
         per_completion.append([(s, e) for (s, _), e in zip(merged, token_ends)])
     num_tokens = max(map(len, ids))
     advantages = process_advantages(*step_tensors(per_completion, 2), num_tokens=num_tokens)

@@ -70,8 +70,7 @@ def test_process_supervision_advantages_from_a_step_reward_land_on_each_steps_to
                          for c, text in zip(completions, decoded)])
     scored = RewardValues({"math_steps": scores.values}, steps={"math_steps": scores.steps})
     rewards = torch.tensor(scores.values)
-    steps = completion_steps(completions, decoded, scored, rewards, {"math_steps": 1.0},
-                             lambda t: tokenizer.decode(t, skip_special_tokens=True))
+    steps = completion_steps(completions, decoded, scored, rewards, {"math_steps": 1.0}, tokenizer)
     newline = ids[0].index(tokenizer.encode("\n", add_special_tokens=False)[0])
     assert steps[0] == [(1.0, newline + 1), (1.0, len(ids[0]))]  # the first line, newline included; the answer
     assert steps[1] == [(0.0, newline + 1), (0.0, len(ids[1]))]
@@ -85,4 +84,20 @@ def test_process_supervision_advantages_from_a_step_reward_land_on_each_steps_to
     first[3 + newline + 1:3 + len(ids[0])] = unit
     torch.testing.assert_close(advantages[0], first)
     torch.testing.assert_close(advantages[1, :3 + len(ids[1])], -first[:3 + len(ids[1])])
-    assert (advantages[2:] == 0).all()  # a filler group (out of the loss) has no advantages
+    # the second group (a filler: its rows' mask keeps it out of the loss) is normalised on its own: steps
+    # (1, 0, 1, 0) for the answer 4, so the first line's tokens get +unit - unit = 0 and the answer's -unit
+    filler = torch.zeros(input_ids.shape[1])
+    filler[2 + newline + 1:2 + len(ids[2])] = -unit
+    torch.testing.assert_close(advantages[2], filler)
+    torch.testing.assert_close(advantages[3], filler)
+
+
+def test_process_supervision_keeps_groups_whose_steps_differ_even_when_their_outcomes_agree():
+    from align.trainers.rollout_batch import process_informative_groups
+
+    batch = groups([[1, 1], [1, 1], [0, 1]])
+    batch.steps = [[(1.0, 1), (1.0, 2)], [(1.0, 1), (1.0, 2)],  # every step right: no signal
+                   [(0.0, 1), (1.0, 2)], [(1.0, 1), (1.0, 2)],  # both answers right, one wrong step: signal
+                   [(1.0, 2)], [(0.0, 2)]]
+    assert process_informative_groups(batch) == [1, 2]
+    assert fill_batch(batch, process_informative_groups(batch), prompts_per_step=2).steps == batch.steps[2:]

@@ -104,7 +104,7 @@ class AlgorithmConfig:
     advantage: Literal["outcome", "process"] = option(
         "outcome", "outcome: one group-normalised reward per completion; process: per-step rewards (from rewards "
         "that return steps; the others count as one step at the end), each token gets the normalised rewards of "
-        "its step and the later ones (DeepSeekMath 4.1.3)")
+        "its step and the later ones (DeepSeekMath 4.1.3; always group-std scaled, advantage_scale is not read)")
     kl_ratio_weighted: bool = option(
         False, "multiply the k3 KL by the importance ratio (DeepSeek-V3.2's unbiased KL gradient off-policy; "
         "TRL use_bias_correction_kl)")
@@ -174,6 +174,9 @@ class GRPORecipe:
         if self.algorithm.advantage == "process" and self.algorithm.truncated == "penalty":
             raise ValueError("algorithm.truncated=penalty sets an outcome reward; with algorithm.advantage=process "
                              "use truncated=mask or none")
+        if self.algorithm.overlap_rollout and self.algorithm.tis_cap is not None:
+            raise ValueError("algorithm.tis_cap has no effect with overlap_rollout: pi_old is then the engine's own "
+                             "log-probs, so every weight is 1; leave one out")
         if self.rollout.placement == "colocated" and self.algorithm.overlap_rollout:
             raise ValueError("algorithm.overlap_rollout needs rollout.placement=split: colocated engines sleep "
                              "while the learners update")

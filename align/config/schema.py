@@ -110,7 +110,7 @@ class OptimConfig:
     lr: float = option(2e-5, "peak learning rate (DeepSeek-V2 SFT: 5e-6; DeepSeekMath GRPO: 1e-6)")
     min_lr_ratio: float = option(0.1, "final lr as a fraction of peak")
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", "decay after warm-up")
-    warmup_steps: int = option(0, "linear warm-up steps")
+    warmup_steps: int = option(0, "linear warm-up, in optimizer steps (GRPO: steps x updates_per_batch of them in all)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     betas: list[float] = option([0.9, 0.95], "AdamW betas")
     max_grad_norm: float = option(1.0, "gradient clipping (0 disables)")

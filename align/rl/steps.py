@@ -6,57 +6,65 @@ character ends to token ends (`step_token_ends`), and pads them into the tensors
 (`step_tensors`):
 
     merged = merge_steps(steps_of_i, weights, values_of_i, len(text_i))            # [(score, char end)]
-    ends = step_token_ends(token_ids_i, [end for _, end in merged], decode)
+    ends = step_token_ends(decoded_prefix_lengths(token_ids_i, tokenizer, text_i), [end for _, end in merged])
     step_rewards, step_mask, step_ends = step_tensors(per_completion, group_size)  # [P, G, S] each
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from typing import Any
 
 import torch
 
 from rewards.base import Step
 
 
-def step_token_ends(token_ids: list[int], char_ends: list[int], decode: Callable[[list[int]], str]) -> list[int]:
-    """The token end of each step: for character end c, the smallest k with
-
-        len(decode(token_ids[:k])) >= c,        k clamped to len(token_ids) when no prefix is that long,
-
-    so the step's last character lies in token k - 1 and [.., k) is its half-open token range, the
-    `step_ends` of `process_advantages`. A token holding characters of two steps goes to the first.
-
-    Binary search over k for each step: O(S log T) decodes for S steps of T tokens, assuming the decoded
-    length never shrinks as tokens are added (true of BPE tokenizers decoding whole characters).
+def decoded_prefix_lengths(token_ids: list[int], tokenizer: Any, text: str) -> list[int]:
+    """L[k] = len(decode(token_ids[:k])) for k = 0..T, the decode being the one that made `text` (special tokens
+    skipped), in one streaming pass: tokenizers' `DecodeStream` yields each token's new characters once they
+    are whole (a byte-level token holding part of a UTF-8 character adds its character with the token that
+    completes it). O(T). Where the stream does not reproduce `text` (a slow tokenizer, one that cleans up
+    tokenization spaces), each prefix is decoded instead, O(T^2) characters.
 
     Args:
         token_ids: the completion's T token ids.
-        char_ends: S exclusive character ends into decode(token_ids).
-        decode: the tokenizer's decode, as the completion text was made, e.g.
-            `lambda ids: tokenizer.decode(ids, skip_special_tokens=True)`.
+        tokenizer: a transformers tokenizer.
+        text: `tokenizer.decode(token_ids, skip_special_tokens=True)`, as the rewards saw it.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None:
+        from tokenizers.decoders import DecodeStream
+
+        stream, lengths = DecodeStream(skip_special_tokens=True), [0]
+        for token in token_ids:
+            lengths.append(lengths[-1] + len(stream.step(backend, token) or ""))
+        if lengths[-1] == len(text):
+            return lengths
+    return [len(tokenizer.decode(token_ids[:k], skip_special_tokens=True)) for k in range(len(token_ids) + 1)]
+
+
+def step_token_ends(prefix_lengths: list[int], char_ends: list[int]) -> list[int]:
+    """The token end of each step, from the decoded length L[k] of every prefix of the T tokens:
+
+        k(c) = T                           if c >= L[T]  (the step reaches the end of the text)
+               min {k : L[k] >= c}         otherwise
+
+    so the step's last character lies in token k - 1 and [.., k) is its half-open token range, the
+    `step_ends` of `process_advantages`. A step that reaches the end of the text takes the tokens after it
+    that decode to nothing (EOS): stopping is credited to the last step, and a completion that is only EOS
+    has its one step on that token. A token holding characters of two steps goes to the first.
+    O(S log T) by bisection.
+
+    Args:
+        prefix_lengths: L[0..T] (`decoded_prefix_lengths`), non-decreasing.
+        char_ends: S exclusive character ends into the decoded text.
 
     Returns:
         S token ends in [0, T].
     """
-    lengths: dict[int, int] = {}  # k -> len(decode(token_ids[:k])), shared by the searches
-
-    def decoded_length(k: int) -> int:
-        if k not in lengths:
-            lengths[k] = len(decode(token_ids[:k]))
-        return lengths[k]
-
-    ends = []
-    for char_end in char_ends:
-        low, high = 0, len(token_ids)  # the answer lies in [low, high]; high when no prefix reaches char_end
-        while low < high:
-            middle = (low + high) // 2
-            if decoded_length(middle) >= char_end:
-                high = middle
-            else:
-                low = middle + 1
-        ends.append(low)
-    return ends
+    total = len(prefix_lengths) - 1
+    return [total if end >= prefix_lengths[-1] else bisect.bisect_left(prefix_lengths, end) for end in char_ends]
 
 
 def step_tensors(steps: list[list[tuple[float, int]]], group_size: int

@@ -129,7 +129,28 @@ def build_engine(model: nn.Module, moe_classes: list[type[nn.Module]], ds: DeepS
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=make_scheduler(optimizer, train, total_steps),
                                            config=deepspeed_config(ds, train, world_size))
+    check_mean_reduction(engine, world_size)
     return engine
+
+
+def check_mean_reduction(engine: Any, world_size: int) -> None:
+    """`backward_summed` undoes DeepSpeed's gradient mean over the learners; refuse any set-up where DeepSpeed
+    reduces otherwise (deepspeed.extra with gradient_allreduce_op sum or a predivide factor, sequence
+    parallelism, DeepSpeed-MoE expert groups), before a step is taken with a gradient of the wrong size."""
+    problems = []
+    if not engine.gradient_average:
+        problems.append("gradients are summed, not averaged (gradient_allreduce_op)")
+    if engine.gradient_predivide_factor() != 1.0:
+        problems.append(f"gradient_predivide_factor {engine.gradient_predivide_factor()}")
+    if engine.dp_world_size != world_size:
+        problems.append(f"the data-parallel group has {engine.dp_world_size} ranks, not the {world_size} learners")
+    if getattr(engine, "sequence_parallel_size", 1) != 1:
+        problems.append(f"sequence_parallel_size {engine.sequence_parallel_size}")
+    if engine.has_moe_layers:
+        problems.append("DeepSpeed-MoE expert-parallel layers")
+    if problems:
+        raise ValueError("align's loss normalisation needs DeepSpeed to average gradients over the learners' "
+                         f"data-parallel group; this configuration does not: {'; '.join(problems)} (deepspeed.extra)")
 
 
 def backward_summed(engine: Any, loss: torch.Tensor) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -45,6 +44,7 @@ from align.trainers.rollout_batch import (
     ScoredGroups,
     completion_steps,
     fill_batch,
+    process_informative_groups,
     process_token_advantages,
     rollout_tensors,
     split_shards,
@@ -224,8 +224,7 @@ class GRPORun:
             steps = None
             if algo.advantage == "process":
                 weights = {spec.name: spec.weight for spec in recipe.rewards}
-                steps = completion_steps(completions, texts, scored, rewards, weights,
-                                         functools.partial(self.tokenizer.decode, skip_special_tokens=True))
+                steps = completion_steps(completions, texts, scored, rewards, weights, self.tokenizer)
         shape = (len(prompts), algo.group_size)
         return ScoredGroups(prompts, completions, rewards.view(shape), in_loss.view(shape), steps), scored.values
 
@@ -246,13 +245,18 @@ class GRPORun:
         (at most `max_refills` times). Returns (train batch, everything sampled, its reward values, refills)."""
         algo = self.recipe.algorithm
         refills = 0
-        while len(select_informative_groups(sampled.rewards)) < algo.prompts_per_step and refills < algo.max_refills:
+        while len(self.informative(sampled)) < algo.prompts_per_step and refills < algo.max_refills:
             refills += 1
             more, more_values = self.sample(self.submit_rollout(step, refills), phases)
             sampled = ScoredGroups.concat([sampled, more])
             values = {name: values[name] + more_values[name] for name in values}
-        informative = select_informative_groups(sampled.rewards).tolist()
-        return fill_batch(sampled, informative, algo.prompts_per_step), sampled, values, refills
+        return fill_batch(sampled, self.informative(sampled), algo.prompts_per_step), sampled, values, refills
+
+    def informative(self, sampled: ScoredGroups) -> list[int]:
+        """The groups with a training signal: unequal rewards, or under process supervision unequal step rewards."""
+        if self.recipe.algorithm.advantage == "process":
+            return process_informative_groups(sampled)
+        return select_informative_groups(sampled.rewards).tolist()
 
     def step(self, step: int) -> dict[str, Any]:
         algo = self.recipe.algorithm

@@ -48,6 +48,10 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     return logp
 
 
+# the metrics that are this learner's share of a batch-wide loss (x world size); the others are token means
+SHARES = ("loss", "policy_loss", "balance_loss")
+
+
 def optimizer_steps(recipe: GRPORecipe) -> int:
     """Optimizer steps in the run, the length of the lr schedule: steps x updates_per_batch."""
     return recipe.algorithm.steps * recipe.algorithm.updates_per_batch
@@ -133,6 +137,10 @@ class GRPOLearner:
 
     def _update(self, shard: RolloutShard, capture: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         started, skipped = time.perf_counter(), self.engine.skipped_steps
+        if shard.counted_rows == 0:  # nothing in the batch counts (all fillers): no step, which would still move
+            # the weights through Adam's momentum and weight decay and advance the lr schedule
+            return {"loss": 0.0, "policy_loss": 0.0, "empty_updates": self.recipe.algorithm.updates_per_batch,
+                    **ds_setup.optimizer_metrics(self.engine, skipped), "update_s": time.perf_counter() - started}, {}
         algo, micro = self.recipe.algorithm, self.recipe.train.micro_batch_size
         rows = shard.input_ids.shape[0]
         slices = [slice(i, i + micro) for i in range(0, rows, micro)]
@@ -149,6 +157,7 @@ class GRPOLearner:
         else:
             old_logp = None
         sums: dict[str, float] = {}
+        counted = 0.0  # tokens that count in this shard, over the updates
         grads: dict[str, torch.Tensor] = {}
         for update in range(algo.updates_per_batch):
             for index, s in enumerate(slices):
@@ -176,13 +185,14 @@ class GRPOLearner:
                 if capture and update == 0 and index == len(slices) - 1:
                     grads = ds_setup.full_gradients(self.engine)
                 self.engine.step()
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value
-        # losses are shares (summed over micro-batches), the other metrics micro-batch means (averaged)
-        shares = ("loss", "policy_loss", "balance_loss")
-        result = {key: value / (algo.updates_per_batch if key in shares else algo.updates_per_batch * len(slices))
+                tokens = float(mask.sum())
+                for key, value in metrics.items():  # shares add up; token means are weighted by their tokens
+                    sums[key] = sums.get(key, 0.0) + (value if key in SHARES else value * tokens)
+                counted += tokens
+        result = {key: value / algo.updates_per_batch if key in SHARES else value / max(counted, 1.0)
                   for key, value in sums.items()}
-        result.update(**ds_setup.optimizer_metrics(self.engine, skipped), update_s=time.perf_counter() - started)
+        result.update(**ds_setup.optimizer_metrics(self.engine, skipped), empty_updates=0,
+                      update_s=time.perf_counter() - started)
         return result, grads
 
     def _balance(self, router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor, counted_rows: int

@@ -6,15 +6,15 @@ No Ray here: the GPU check script and tests build shards directly.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from align.data.prompts import Prompt
 from align.rl.advantages import process_advantages
 from align.rl.losses import Aggregation, loss_normaliser
-from align.rl.steps import merge_steps, step_tensors, step_token_ends
+from align.rl.steps import decoded_prefix_lengths, merge_steps, step_tensors, step_token_ends
 from align.trainers.grpo_learner import RolloutShard
 from align.trainers.reward_pool import RewardValues
 from rollout.torch_engine import Completion
@@ -109,18 +109,18 @@ def fill_batch(sampled: ScoredGroups, informative: list[int], prompts_per_step: 
 
 
 def completion_steps(completions: list[Completion], texts: list[str], scored: RewardValues, rewards: torch.Tensor,
-                     weights: dict[str, float], decode: Callable[[list[int]], str]) -> list[list[tuple[float, int]]]:
+                     weights: dict[str, float], tokenizer: Any) -> list[list[tuple[float, int]]]:
     """Process supervision: each completion's weighted step rewards with their token ends (`merge_steps`, then
     `step_token_ends`). A reward that scores no steps counts as one step at the end; a completion whose reward
     call failed has its total reward (the recipe's fallback) as its one step, or no step when it has none (it is
     then out of the loss).
 
     Args:
-        completions, texts: the sampled completions and their decoded text (`decode` of their token ids).
+        completions, texts: the sampled completions and their text (decoded, special tokens skipped).
         scored: the reward pool's values and steps, per reward name.
         rewards: [N] total reward of each completion (NaN where invalid).
         weights: reward name -> c_k.
-        decode: how `texts` were decoded from token ids.
+        tokenizer: the tokenizer that decoded `texts`.
     """
     per_completion = []
     for i, (completion, text) in enumerate(zip(completions, texts)):
@@ -128,18 +128,30 @@ def completion_steps(completions: list[Completion], texts: list[str], scored: Re
                              {name: column[i] for name, column in scored.values.items()}, len(text))
         if merged is None:
             merged = [] if rewards[i].isnan() else [(float(rewards[i]), len(text))]
-        ends = step_token_ends(completion.token_ids, [end for _, end in merged], decode)
+        lengths = decoded_prefix_lengths(completion.token_ids, tokenizer, text)
+        ends = step_token_ends(lengths, [end for _, end in merged])
         per_completion.append([(score, end) for (score, _), end in zip(merged, ends)])
     return per_completion
 
 
 def process_token_advantages(batch: ScoredGroups, width: int) -> torch.Tensor:
-    """Process-supervision advantages (DeepSeekMath 4.1.3) in the rows' layout [P * G, width]: the steps of the
-    completions in the loss, normalised over their group, each token getting the sum over its own step and the
-    later ones (`process_advantages`); completions out of the loss (masked, fillers, failed) join no group
-    statistics."""
+    """Process-supervision advantages (DeepSeekMath 4.1.3) in the rows' layout [P * G, width]: every step of the
+    group's completions normalised over the group, each token getting the sum over its own step and the later
+    ones (`process_advantages`). As in outcome supervision, a completion kept out of the loss (truncated=mask)
+    still counts in its group's statistics; one without a valid reward has no step."""
     step_rewards, step_mask, step_ends = step_tensors(batch.steps, batch.group_size)
-    step_mask &= batch.in_loss[:, :, None] > 0
     longest = max(len(c.token_ids) for c in batch.completions)
     per_token = process_advantages(step_rewards, step_mask, step_ends, num_tokens=longest)  # [P, G, T]
     return completion_values_to_rows(per_token.flatten(0, 1), batch.prompts, batch.completions, width)
+
+
+def process_informative_groups(batch: ScoredGroups) -> list[int]:
+    """DAPO dynamic sampling under process supervision: the groups whose step rewards are not all equal, so that
+    `process_advantages` gives some token a non-zero advantage (a group whose answers are all right can still
+    differ in its steps)."""
+    size, informative = batch.group_size, []
+    for p in range(len(batch.prompts)):
+        scores = [score for g in range(size) for score, _ in batch.steps[p * size + g]]
+        if scores and max(scores) > min(scores):
+            informative.append(p)
+    return informative

@@ -27,13 +27,19 @@ def main(mode: str, zero_stage: int, rank: int, port: int, out: Path) -> None:
         learner = GRPOLearner(base, rank, gradients.WORLD, "127.0.0.1", port)
         save_weights(learner.policy_state(), rank, out / "weights-grpo.pt")
         tokenizer = learner.tokenizer
-        batch = gradients.rollout_batch(len(tokenizer), tokenizer.pad_token_id)
         balanced = gradients.grpo_recipe(zero_stage, balance=True)
         for case, fields in gradients.grpo_cases().items():
             learner.recipe = gradients.with_algorithm(balanced if case == "balance" else base, **fields)
+            batch = gradients.case_batch(case, len(tokenizer), tokenizer.pad_token_id)
             shard = gradients.shards(batch, learner.recipe.algorithm.aggregation)[rank]
             metrics, grads = learner.update_gradients(shard)
             torch.save({"grads": grads, "metrics": metrics}, out / f"grpo-{case}-rank{rank}.pt")
+        # a batch in which nothing counts (every group a filler): no optimizer step is taken
+        everything = tuple(range(gradients.ROWS))
+        empty = gradients.rollout_batch(len(tokenizer), tokenizer.pad_token_id, masked_rows=everything)
+        learner.recipe = base
+        metrics = learner.update(gradients.shards(empty, base.algorithm.aggregation)[rank])
+        torch.save({"metrics": metrics, "steps": learner.engine.global_steps}, out / f"grpo-empty-rank{rank}.pt")
     else:
         from align.trainers.sft_learner import SFTLearner
 

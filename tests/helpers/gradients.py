@@ -57,15 +57,27 @@ def with_algorithm(recipe: Any, **fields: Any) -> Any:
 
 
 def grpo_cases() -> dict[str, dict[str, Any]]:
-    """case name -> algorithm fields (balance losses off); "balance" is grpo with them on."""
+    """case name -> algorithm fields (balance losses off); "balance" is grpo with them on; "process" has
+    per-token advantages [B, T]; "rank1_masked" leaves nothing that counts in the second learner's shard."""
     cases = {f"{loss}-{variant}": {**LOSSES[loss], **VARIANTS[variant]} for loss in LOSSES for variant in VARIANTS}
     cases["balance"] = dict(LOSSES["grpo"])
+    cases["process"] = {**LOSSES["dapo"], "advantage": "process"}
+    cases["rank1_masked"] = dict(LOSSES["grpo"])
     return cases
 
 
-def rollout_batch(vocab: int, pad_id: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def case_batch(case: str, vocab: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """The rollout batch of a case of `grpo_cases`."""
+    if case == "rank1_masked":
+        return rollout_batch(vocab, pad_id, masked_rows=(2, *range(ROWS // 2, ROWS)))
+    return rollout_batch(vocab, pad_id, token_advantages=case == "process")
+
+
+def rollout_batch(vocab: int, pad_id: int, seed: int = 0, masked_rows: tuple[int, ...] = MASKED_ROWS,
+                  token_advantages: bool = False) -> dict[str, torch.Tensor]:
     """16 rows of prompt + completion, right-padded, prompts of 2-5 tokens, completions of 1-8: input_ids,
-    completion mask (the rows in MASKED_ROWS all 0), the engine's log-probs and group advantages."""
+    completion mask (the rows in `masked_rows` all 0), the engine's log-probs and the advantages: one per row,
+    or with `token_advantages` one per token (process supervision's shape, [rows, width])."""
     generator = torch.Generator().manual_seed(seed)
     prompt_len = torch.randint(2, 6, (PROMPTS,), generator=generator).repeat_interleave(GROUP)
     completion_len = torch.randint(1, MAX_NEW + 1, (ROWS,), generator=generator)
@@ -76,12 +88,14 @@ def rollout_batch(vocab: int, pad_id: int, seed: int = 0) -> dict[str, torch.Ten
         end = int(prompt_len[row] + completion_len[row])
         input_ids[row, :end] = torch.randint(3, vocab, (end,), generator=generator)
         mask[row, int(prompt_len[row]):end] = 1.0
-    mask[list(MASKED_ROWS)] = 0.0
+    mask[list(masked_rows)] = 0.0
     # the engine's log-probs: about the learner's (an untrained model is near -log vocab) +- 0.3, so TIS weights
     # and off-policy ratios are not all 1, and some clip
     noise = (torch.rand(ROWS, width, generator=generator) - 0.5) * 0.6
     rollout_logp = (noise - math.log(vocab)) * (mask > 0)
     advantages = torch.randn(ROWS, generator=generator) * (mask.sum(-1) > 0)
+    if token_advantages:
+        advantages = torch.randn(ROWS, width, generator=generator) * mask
     return {"input_ids": input_ids, "mask": mask, "rollout_logp": rollout_logp, "advantages": advantages}
 
 
@@ -90,10 +104,12 @@ def shards(batch: dict[str, torch.Tensor], aggregation: str) -> list[Any]:
                         aggregation, MAX_NEW)
 
 
-def grpo_reference(model: torch.nn.Module, recipe: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def grpo_reference(model: torch.nn.Module, recipe: Any, batch: dict[str, torch.Tensor]
+                   ) -> tuple[dict[str, torch.Tensor], float]:
     """The gradient of ONE `policy_loss` call over the rows that count (Dr. GRPO: all P x G rows, its fixed
     denominator B x L_max), plus, when the recipe's balance losses are on, their mean over those rows in one
-    call; the forward runs in the learners' micro-batches (the same numbers, rounded the same way)."""
+    call; the forward runs in the learners' micro-batches (the same numbers, rounded the same way). Returns the
+    gradients and the loss."""
     algo, temperature = recipe.algorithm, recipe.rollout.temperature
     rows = torch.arange(ROWS) if algo.aggregation == "seq_mean_token_sum_norm" \
         else torch.nonzero(batch["mask"].sum(-1) > 0).flatten()
@@ -118,7 +134,7 @@ def grpo_reference(model: torch.nn.Module, recipe: Any, batch: dict[str, torch.T
         per_layer = tuple(torch.cat([micro[layer] for micro in router]) for layer in range(len(router[0])))
         loss = loss + sum(ds_setup.balance_losses_for(per_layer, segments, model.config, moe).values())
     loss.backward()
-    return {name: param.grad.detach().clone() for name, param in model.named_parameters()}
+    return {name: param.grad.detach().clone() for name, param in model.named_parameters()}, loss.item()
 
 
 def sft_recipe(zero_stage: int, balance: bool) -> Any:
@@ -129,7 +145,7 @@ def sft_recipe(zero_stage: int, balance: bool) -> Any:
 
 
 def sft_reference(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]]
-                  ) -> dict[str, torch.Tensor]:
+                  ) -> tuple[dict[str, torch.Tensor], float]:
     """The gradient of the token mean over every target token of the step (all micro-batches of both ranks)
     in one sum / one count, plus the balance losses' mean over every sample of the step in one call."""
     model.zero_grad()
@@ -149,4 +165,4 @@ def sft_reference(model: torch.nn.Module, recipe: Any, batches: list[dict[str, t
         per_layer = tuple(torch.cat([micro[layer] for micro in router]) for layer in range(len(router[0])))
         loss = loss + sum(ds_setup.balance_losses_for(per_layer, torch.cat(segments), model.config, moe).values())
     loss.backward()
-    return {name: param.grad.detach().clone() for name, param in model.named_parameters()}
+    return {name: param.grad.detach().clone() for name, param in model.named_parameters()}, loss.item()
