@@ -5,7 +5,8 @@ the optimizer step, equals the gradient of one loss call over the whole batch in
 GRPO: every aggregation (DeepSeekMath, DAPO token mean, Dr. GRPO's fixed B x L_max, GSPO sequence ratios), on
 policy, with TIS and off policy (clipping binds), over a batch with a masked row, a filler group, a truncated row
 and one micro-batch with no row that counts; the MoE balance losses off (alpha 0), then on against their own
-one-call mean. SFT: packed rows of unequal target counts over micro-batches and ranks, balance losses off and on.
+one-call mean; per-token (process) advantages; one learner with nothing that counts; the k3 KL to a reference
+that differs from the policy, plain and ratio-weighted. SFT: packed rows of unequal target counts over micro-batches and ranks, balance losses off and on.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def test_grpo_learners_apply_the_gradient_of_one_loss_over_the_batch(learner_run
     model = reference_model(recipe, out / "weights-grpo.pt")
     tokenizer = load_tokenizer(recipe.model.tokenizer)
     batch = gradients.case_batch(case, len(tokenizer), tokenizer.pad_token_id)
-    reference, loss = gradients.grpo_reference(model, recipe, batch)
+    kl_reference = reference_model(recipe, out / "weights-reference.pt") if recipe.algorithm.kl_coef else None
+    reference, loss = gradients.grpo_reference(model, recipe, batch, kl_reference)
     ranks = [torch.load(out / f"grpo-{case}-rank{rank}.pt") for rank in range(gradients.WORLD)]
     for saved in ranks:  # every rank holds (its view of) the same full gradient
         assert_same_gradients(saved["grads"], reference)
@@ -90,6 +92,8 @@ def test_grpo_learners_apply_the_gradient_of_one_loss_over_the_batch(learner_run
     assert sum(saved["metrics"]["loss"] for saved in ranks) / len(ranks) == pytest.approx(loss, rel=1e-5, abs=1e-7)
     if case == "balance":
         assert ranks[0]["metrics"]["balance_loss"] > 0
+    if case.startswith("kl"):
+        assert ranks[0]["metrics"]["kl"] > 1e-3  # the reference differs from the policy
     if case == "rank1_masked":  # that learner still takes part: its zero gradient is summed with the other's
         assert gradients.shards(batch, "seq_mean_token_mean")[1].completion_mask.sum() == 0
 

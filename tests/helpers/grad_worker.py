@@ -24,8 +24,12 @@ def main(mode: str, zero_stage: int, rank: int, port: int, out: Path) -> None:
         from align.trainers.grpo_learner import GRPOLearner
 
         base = gradients.grpo_recipe(zero_stage)
-        learner = GRPOLearner(base, rank, gradients.WORLD, "127.0.0.1", port)
+        # built with a KL term, so that it holds a reference (the cases without one set kl_coef 0)
+        learner = GRPOLearner(gradients.grpo_recipe(zero_stage, kl_coef=0.04), rank, gradients.WORLD, "127.0.0.1",
+                              port)
         save_weights(learner.policy_state(), rank, out / "weights-grpo.pt")
+        gradients.perturb_reference(learner.reference)
+        save_weights(learner.reference.state_dict(), rank, out / "weights-reference.pt")
         tokenizer = learner.tokenizer
         balanced = gradients.grpo_recipe(zero_stage, balance=True)
         for case, fields in gradients.grpo_cases().items():

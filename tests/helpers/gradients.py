@@ -43,10 +43,10 @@ LOSSES = {
 VARIANTS = {"on_policy": {}, "tis": {"tis_cap": 1.3}, "off_policy": {"overlap_rollout": True}}
 
 
-def grpo_recipe(zero_stage: int, balance: bool = False) -> Any:
+def grpo_recipe(zero_stage: int, balance: bool = False, kl_coef: float = 0.0) -> Any:
     return load_grpo_recipe(ROOT / "recipes" / "grpo-tiny.yaml", [
         "model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny",
-        f"algorithm.prompts_per_step={PROMPTS}", f"algorithm.group_size={GROUP}", "algorithm.kl_coef=0",
+        f"algorithm.prompts_per_step={PROMPTS}", f"algorithm.group_size={GROUP}", f"algorithm.kl_coef={kl_coef}",
         "algorithm.dynamic_sampling=false", f"train.micro_batch_size={MICRO}", "train.lr=0", "train.max_grad_norm=0",
         f"rollout.max_new_tokens={MAX_NEW}", f"cluster.num_workers={WORLD}", f"deepspeed.zero_stage={zero_stage}",
         *(BALANCE if balance else NO_BALANCE)])
@@ -61,6 +61,9 @@ def grpo_cases() -> dict[str, dict[str, Any]]:
     per-token advantages [B, T]; "rank1_masked" leaves nothing that counts in the second learner's shard."""
     cases = {f"{loss}-{variant}": {**LOSSES[loss], **VARIANTS[variant]} for loss in LOSSES for variant in VARIANTS}
     cases["balance"] = dict(LOSSES["grpo"])
+    cases["kl"] = {**LOSSES["grpo"], "kl_coef": 0.04}  # k3 KL to a reference that differs from the policy
+    cases["kl_ratio_weighted"] = {**LOSSES["dapo"], **VARIANTS["off_policy"], "kl_coef": 0.04,
+                                  "kl_ratio_weighted": True}
     cases["process"] = {**LOSSES["dapo"], "advantage": "process"}
     cases["rank1_masked"] = dict(LOSSES["grpo"])
     return cases
@@ -104,8 +107,16 @@ def shards(batch: dict[str, torch.Tensor], aggregation: str) -> list[Any]:
                         aggregation, MAX_NEW)
 
 
-def grpo_reference(model: torch.nn.Module, recipe: Any, batch: dict[str, torch.Tensor]
-                   ) -> tuple[dict[str, torch.Tensor], float]:
+def perturb_reference(reference: torch.nn.Module) -> None:
+    """Move the KL reference away from the policy (the same on every rank), so the KL term has a gradient."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.05)
+
+
+def grpo_reference(model: torch.nn.Module, recipe: Any, batch: dict[str, torch.Tensor],
+                   kl_reference: torch.nn.Module | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """The gradient of ONE `policy_loss` call over the rows that count (Dr. GRPO: all P x G rows, its fixed
     denominator B x L_max), plus, when the recipe's balance losses are on, their mean over those rows in one
     call; the forward runs in the learners' micro-batches (the same numbers, rounded the same way). Returns the
@@ -123,9 +134,17 @@ def grpo_reference(model: torch.nn.Module, recipe: Any, batch: dict[str, torch.T
     rollout_logp = batch["rollout_logp"][rows]
     old = rollout_logp if algo.overlap_rollout else logp.detach()
     is_weights = truncated_is_weights(old, rollout_logp, algo.tis_cap) if algo.tis_cap is not None else None
+    ref_logp = None
+    if algo.kl_coef:
+        with torch.no_grad():
+            ref_logp = torch.cat([token_logprobs(kl_reference(input_ids=batch["input_ids"][i:i + MICRO],
+                                                              use_cache=False).logits,
+                                                 batch["input_ids"][i:i + MICRO], temperature)
+                                  for i in range(0, ROWS, MICRO)])[rows]
     loss, _ = policy_loss(logp, old, batch["advantages"][rows], mask, eps_low=algo.clip_eps,
-                          eps_high=algo.clip_eps_high, aggregation=algo.aggregation, ratio_level=algo.ratio_level,
-                          max_completion_length=MAX_NEW, is_weights=is_weights)
+                          eps_high=algo.clip_eps_high, beta=algo.kl_coef, ref_logp=ref_logp,
+                          kl_ratio_weighted=algo.kl_ratio_weighted, aggregation=algo.aggregation,
+                          ratio_level=algo.ratio_level, max_completion_length=MAX_NEW, is_weights=is_weights)
     moe = recipe.moe
     if moe.alpha_expert or moe.alpha_device or moe.alpha_comm:
         width = batch["mask"].shape[1]
