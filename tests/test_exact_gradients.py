@@ -6,7 +6,8 @@ GRPO: every aggregation (DeepSeekMath, DAPO token mean, Dr. GRPO's fixed B x L_m
 policy, with TIS and off policy (clipping binds), over a batch with a masked row, a filler group, a truncated row
 and one micro-batch with no row that counts; the MoE balance losses off (alpha 0), then on against their own
 one-call mean; per-token (process) advantages; one learner with nothing that counts; the k3 KL to a reference
-that differs from the policy, plain and ratio-weighted. SFT: packed rows of unequal target counts over micro-batches and ranks, balance losses off and on.
+that differs from the policy, plain and ratio-weighted. SFT: packed rows of unequal target counts over
+micro-batches and ranks, balance losses off and on.
 """
 
 from __future__ import annotations

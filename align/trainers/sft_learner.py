@@ -75,6 +75,9 @@ class SFTLearner(StreamedLearnerState):
 
         so a micro-batch with few targets weighs no more per token than a full one (the step's micro-batches
         are read first to count them). The MoE balance losses are means over the step's samples the same way.
+        Cost per step: one all-reduce of two float64 counts (16 bytes), and the step's micro-batches held at
+        once (grad_accum x micro_batch_size x max_length token ids: 8 x 4 x 4096 x 8 bytes x 4 tensors = 4 MB for
+        a DeepSeek-V2-Lite recipe), whatever the model size.
         """
         started, skipped = time.perf_counter(), self.engine.skipped_steps
         batches = [self.stream.next_batch() for _ in range(self.recipe.train.grad_accum)]
