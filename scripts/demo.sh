@@ -3,7 +3,7 @@
 #   1. SFT of the tiny DeepSeek-V2 MoE with 2 DeepSpeed learners under Ray, then held-out accuracy of
 #      the untrained and the fine-tuned model on the same problems;
 #   2. GRPO from the SFT checkpoint (2 learners + 1 torch rollout engine, 200 steps with dynamic sampling),
-#      held-out accuracy before/after. About 20 minutes in all once the venv exists.
+#      held-out accuracy before/after. About 20 minutes in all once the venv exists on an AVX-512 CPU, 32 on an AVX2-only one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
