@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from align.data.prompts import Prompt
@@ -101,3 +102,14 @@ def test_process_supervision_keeps_groups_whose_steps_differ_even_when_their_out
                    [(1.0, 2)], [(0.0, 2)]]
     assert process_informative_groups(batch) == [1, 2]
     assert fill_batch(batch, process_informative_groups(batch), prompts_per_step=2).steps == batch.steps[2:]
+
+
+def test_learner_metrics_merge_token_means_by_tokens_and_loss_shares_by_mean():
+    from align.trainers.grpo_learner import merge_learner_metrics
+
+    ranks = [{"loss": 0.6, "kl": 0.02, "ratio_mean": 1.0, "counted_tokens": 30.0, "lr": 1e-5},
+             {"loss": 0.2, "kl": 0.0, "ratio_mean": 0.0, "counted_tokens": 0.0, "lr": 1e-5}]  # nothing counted
+    merged = merge_learner_metrics(ranks)
+    assert merged["loss"] == pytest.approx(0.4)  # each is its share x 2: the mean is the sum of the shares
+    assert merged["kl"] == pytest.approx(0.02) and merged["ratio_mean"] == 1.0  # the empty learner weighs 0
+    assert merged["lr"] == 1e-5

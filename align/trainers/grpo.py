@@ -37,7 +37,7 @@ from align.distributed.worker_group import WorkerError, WorkerGroup, start_ray, 
 from align.metrics import JsonlLog, MetricsLog, plot_curves
 from align.models.loading import load_tokenizer
 from align.rl.advantages import group_advantages, handle_truncated, select_informative_groups, zero_std_groups
-from align.trainers.grpo_learner import GRPOLearner
+from align.trainers.grpo_learner import GRPOLearner, merge_learner_metrics
 from align.trainers.learner_group import export_model, save_checkpoint, truncate_metrics
 from align.trainers.reward_pool import RewardPool
 from align.trainers.rollout_batch import (
@@ -295,7 +295,7 @@ class GRPORun:
             if algo.reference_reset_every and (step + 1) % algo.reference_reset_every == 0:
                 self.learners.call("reset_reference")
         step_s = sum(phases.seconds.values())
-        learner = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]}
+        learner = merge_learner_metrics(per_rank)
         self.last_sampled = sampled
         return {**learner, **phases.seconds, **extra, **sampling_metrics(sampled, values),
                 "completions": len(sampled.completions), "completions_per_s": len(sampled.completions) / step_s,

@@ -48,8 +48,25 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     return logp
 
 
-# the metrics that are this learner's share of a batch-wide loss (x world size); the others are token means
+# SHARES: this learner's share of a batch-wide loss (x world size); TOKEN_MEANS: means over this learner's
+# counted tokens (`counted_tokens`); the other metrics are plain per-learner values
 SHARES = ("loss", "policy_loss", "balance_loss")
+TOKEN_MEANS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean")
+
+
+def merge_learner_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """The batch's metrics from every learner's: token means weighted by each learner's counted tokens (a
+    learner with none counts for nothing), everything else (loss shares x world, lr, grad norm, times) the
+    mean over learners."""
+    tokens = [rank.get("counted_tokens", 0.0) for rank in per_rank]
+    merged = {}
+    for key in per_rank[0]:
+        values = [rank[key] for rank in per_rank]
+        if key in TOKEN_MEANS:
+            merged[key] = sum(v * t for v, t in zip(values, tokens)) / max(sum(tokens), 1.0)
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged
 
 
 def optimizer_steps(recipe: GRPORecipe) -> int:
@@ -140,7 +157,8 @@ class GRPOLearner:
         if shard.counted_rows == 0:  # nothing in the batch counts (all fillers): no step, which would still move
             # the weights through Adam's momentum and weight decay and advance the lr schedule
             return {"loss": 0.0, "policy_loss": 0.0, "empty_updates": self.recipe.algorithm.updates_per_batch,
-                    **ds_setup.optimizer_metrics(self.engine, skipped), "update_s": time.perf_counter() - started}, {}
+                    "counted_tokens": 0.0, **ds_setup.optimizer_metrics(self.engine, skipped),
+                    "update_s": time.perf_counter() - started}, {}
         algo, micro = self.recipe.algorithm, self.recipe.train.micro_batch_size
         rows = shard.input_ids.shape[0]
         slices = [slice(i, i + micro) for i in range(0, rows, micro)]
@@ -191,6 +209,7 @@ class GRPOLearner:
                 counted += tokens
         result = {key: value / algo.updates_per_batch if key in SHARES else value / max(counted, 1.0)
                   for key, value in sums.items()}
+        result["counted_tokens"] = counted / algo.updates_per_batch  # the driver weighs the token means by it
         result.update(**ds_setup.optimizer_metrics(self.engine, skipped), empty_updates=0,
                       update_s=time.perf_counter() - started)
         return result, grads
