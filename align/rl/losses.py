@@ -72,6 +72,11 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def counted_rows(mask: torch.Tensor) -> int:
+    """#{i : sum_t m_it > 0}: the rows of a [B, T] mask with at least one token that counts."""
+    return int((mask.sum(-1) > 0).sum())
+
+
 def loss_normaliser(
     mask: torch.Tensor, aggregation: Aggregation, max_completion_length: int | None = None
 ) -> float:
@@ -91,7 +96,7 @@ def loss_normaliser(
         max_completion_length: L_max, required for "seq_mean_token_sum_norm".
     """
     if aggregation == "seq_mean_token_mean":
-        count = float((mask.sum(-1) > 0).sum())
+        count = float(counted_rows(mask))
     elif aggregation == "token_mean":
         count = float(mask.sum())
     elif aggregation == "seq_mean_token_sum_norm":

@@ -183,13 +183,14 @@ def full_gradients(engine: Any) -> dict[str, torch.Tensor]:
     return grads
 
 
-def all_ranks_sum(value: float, device: Any) -> float:
-    """The sum of `value` over the learners' process group (the value itself outside one)."""
+def all_ranks_sum(values: list[float], device: Any) -> list[float]:
+    """Each of `values` summed over the learners' process group, in one all-reduce (the values themselves
+    outside one)."""
     if not torch.distributed.is_initialized():
-        return value
-    total = torch.tensor([value], dtype=torch.float64, device=device)
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(total)
-    return float(total.item())
+    return total.tolist()
 
 
 def optimizer_metrics(engine: Any, skipped_before: int) -> dict[str, float]:

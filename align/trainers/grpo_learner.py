@@ -22,6 +22,7 @@ from align import checkpoint
 from align.config.grpo_schema import GRPORecipe
 from align.models.export import full_state_dict, gathered, save_hf_checkpoint
 from align.models.loading import build_model, load_tokenizer
+from align.rl import losses
 from align.rl.losses import policy_loss, truncated_is_weights
 from align.trainers import engine as ds_setup
 
@@ -220,6 +221,6 @@ class GRPOLearner:
         mean over the batch's `counted_rows` completions: (micro-batch mean) x (its counted rows) / counted_rows."""
         rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
         segments = torch.where(mask > 0, rows, torch.full_like(rows, -1)).flatten()
-        share = float((mask.sum(-1) > 0).sum()) / max(counted_rows, 1)
-        losses = ds_setup.balance_losses_for(router_logits, segments, self.model_config, self.recipe.moe)
-        return {name: value * share for name, value in losses.items()}
+        share = losses.counted_rows(mask) / max(counted_rows, 1)
+        balance = ds_setup.balance_losses_for(router_logits, segments, self.model_config, self.recipe.moe)
+        return {name: value * share for name, value in balance.items()}

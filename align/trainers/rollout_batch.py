@@ -13,7 +13,7 @@ import torch
 
 from align.data.prompts import Prompt
 from align.rl.advantages import process_advantages
-from align.rl.losses import Aggregation, loss_normaliser
+from align.rl.losses import Aggregation, counted_rows, loss_normaliser
 from align.rl.steps import decoded_prefix_lengths, merge_steps, step_tensors, step_token_ends
 from align.trainers.grpo_learner import RolloutShard
 from align.trainers.reward_pool import RewardValues
@@ -52,11 +52,9 @@ def split_shards(input_ids: torch.Tensor, mask: torch.Tensor, rollout_logp: torc
     """Equal contiguous slices for the learners, each told the whole batch's loss normaliser (`loss_normaliser`
     over every row, so each learner's loss is its rows' part of one batch-wide aggregate) and counted rows."""
     per = input_ids.shape[0] // learners
-    normaliser = loss_normaliser(mask, aggregation, max_completion_length)
-    counted_rows = int((mask.sum(-1) > 0).sum())
+    normaliser, rows = loss_normaliser(mask, aggregation, max_completion_length), counted_rows(mask)
     part = [slice(i * per, (i + 1) * per) for i in range(learners)]
-    return [RolloutShard(input_ids[s], mask[s], rollout_logp[s], advantages[s], normaliser, counted_rows)
-            for s in part]
+    return [RolloutShard(input_ids[s], mask[s], rollout_logp[s], advantages[s], normaliser, rows) for s in part]
 
 
 @dataclass

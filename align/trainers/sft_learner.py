@@ -81,8 +81,8 @@ class SFTLearner(StreamedLearnerState):
         """
         started, skipped = time.perf_counter(), self.engine.skipped_steps
         batches = [self.stream.next_batch() for _ in range(self.recipe.train.grad_accum)]
-        local = [sum(b.num_target_tokens for b in batches), sum(b.num_samples for b in batches)]
-        step_targets, step_samples = (ds_setup.all_ranks_sum(float(v), self.device) for v in local)
+        step_targets, step_samples = ds_setup.all_ranks_sum(
+            [sum(b.num_target_tokens for b in batches), sum(b.num_samples for b in batches)], self.device)
         sums = {"loss": 0.0, "lm_loss": 0.0, "balance_loss": 0.0, "tokens": 0, "target_tokens": 0, "samples": 0}
         grads: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(batches):
