@@ -139,7 +139,7 @@ def check_grpo(source: str, recipe: GRPORecipe) -> int:
     engine = choose_engine(recipe.rollout.engine, recipe.model, on_gpu=recipe.rollout.gpus_per_worker > 0)
     skipped = f", {len(prompts.skipped)} bad rows skipped" if prompts.skipped else ""
     print(f"align: {source} is valid ({len(prompts.train)} prompts{skipped}, {len(prompts.heldout)} held-out; "
-          f"rollout engine: {engine}; "
+          f"rollout engine: {engine}; policy, reference and engines compute in {recipe.policy_dtype}; "
           f"rewards: {', '.join(spec.name for spec in recipe.rewards)})")
     return 0
 

@@ -49,7 +49,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(metrics_path: Path, keys: Sequence[str], out_path: Path, title: str) -> Path | None:
-    """One panel per metric against the step; a metric never logged is left out."""
+    """One panel per metric against the step, four to a row; a metric never logged is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,8 +59,12 @@ def plot_curves(metrics_path: Path, keys: Sequence[str], out_path: Path, title: 
     present = [k for k in keys if any(k in r for r in records)]
     if not present:
         return None
-    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], present):
+    columns = min(len(present), 4)
+    rows = -(-len(present) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(present):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, present):
         points = [(r["step"], r[key]) for r in records if key in r]
         ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=1.2)
         ax.set_xlabel("step")

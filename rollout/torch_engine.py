@@ -13,13 +13,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rollout.sampling import filter_logits
+
 
 @dataclass
 class Completion:
     prompt_index: int
     token_ids: list[int]
-    logprobs: list[float]  # log pi_rollout(token | prefix) under the sampling temperature
+    logprobs: list[float]  # log pi_s(token | prefix): after temperature, top-k and top-p (rollout/sampling.py)
     finished: bool  # ended with EOS (False: cut at max_new_tokens)
+    policy_version: int = 0  # updates behind the weights that sampled it (the engine's `version`)
 
 
 @dataclass
@@ -27,21 +30,9 @@ class SamplingConfig:
     n: int = 1
     max_new_tokens: int = 64
     temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus mass (rollout/sampling.py); 1: off
+    top_k: int = 0  # keep the k most likely tokens first; 0: off
     seed: int = 0
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability sums to at least top_p; others get -inf.
-
-    logits: [batch, vocab]. A token is kept when the probability mass ranked strictly above it is < top_p.
-    """
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    mass_before = sorted_logits.softmax(dim=-1).cumsum(dim=-1) - sorted_logits.softmax(dim=-1)
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
 class TorchEngine:
@@ -50,13 +41,17 @@ class TorchEngine:
             torch.set_num_threads(threads)
         self.model = model.eval()
         self.eos, self.pad = eos_token_id, pad_token_id
+        self.version = 0  # the policy version of the weights held (the driver's count of updates)
         self.device = next(model.parameters()).device
 
-    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load new policy weights in place (names as in the policy's own `state_dict`)."""
+    def update_weights(self, state_dict: dict[str, torch.Tensor], version: int | None = None) -> None:
+        """Load new policy weights in place (names as in the policy's own `state_dict`); `version` tags the
+        completions sampled with them."""
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
             raise ValueError(f"weight sync: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if version is not None:
+            self.version = version
 
     def sleep(self) -> None:
         """Colocated with a learner on a GPU: park the weights in host memory while the learner updates."""
@@ -117,7 +112,7 @@ class TorchEngine:
             logp = F.log_softmax(logits, dim=-1)
             token = logits.argmax(dim=-1)
         else:
-            logp = F.log_softmax(top_p_filter(logits / sampling.temperature, sampling.top_p), dim=-1)
+            logp = F.log_softmax(filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p), dim=-1)
             token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
         return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
@@ -127,7 +122,8 @@ class TorchEngine:
         for r, (prompt_index, _) in enumerate(rows):
             ids, lps = tokens[r].tolist(), logprobs[r].tolist()
             end = ids.index(self.eos) + 1 if self.eos in ids else len(ids)
-            completions.append(Completion(prompt_index, ids[:end], lps[:end], finished=self.eos in ids))
+            completions.append(Completion(prompt_index, ids[:end], lps[:end], finished=self.eos in ids,
+                                          policy_version=self.version))
         return completions
 
 

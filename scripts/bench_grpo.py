@@ -364,7 +364,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the preset model's fresh weights")
     parser.add_argument("--out", default="runs/bench_grpo.json", help="where to write the results as JSON")
     parser.add_argument("--overlap", action="store_true",
-                        help="align samples batch s+1 while updating on batch s (algorithm.overlap_rollout)")
+                        help="align samples batch s+1 while updating on batch s (algorithm.max_staleness=1)")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
@@ -385,7 +385,7 @@ def main() -> None:
         overrides = bench_overrides(model_dir, args.steps, args.zero_stage)
         for side in ("align", "trl"):
             print(f"bench_grpo: {side}: {args.steps} steps ({args.warmup} warm-up) ...", flush=True)
-            align_overrides = [*overrides, f"algorithm.overlap_rollout={str(args.overlap).lower()}"]
+            align_overrides = [*overrides, f"algorithm.max_staleness={int(args.overlap)}"]
             results[side] = bench_align(args.recipe, align_overrides, args.warmup, work) if side == "align" \
                 else bench_trl(args.recipe, overrides, args.steps, args.warmup, work)
             r = results[side]
@@ -398,7 +398,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "settings": {"steps": args.steps, "warmup": args.warmup,
                      "model": args.model or f"fresh {args.preset}, seed {args.seed}", "recipe": args.recipe,
-                     "overrides": overrides, "zero_stage": args.zero_stage, "align_overlap_rollout": args.overlap,
+                     "overrides": overrides, "zero_stage": args.zero_stage, "align_max_staleness": int(args.overlap),
                      "threads_per_process": 1, "cpu_count": os.cpu_count(),
                      "processes": {"align": "driver + 1 learner actor + 1 rollout actor (Ray), "
                                             + ("sampling overlapped with the update" if args.overlap

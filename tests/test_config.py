@@ -153,12 +153,36 @@ def test_grpo_rollout_options_reach_the_vllm_engine():
                                              "enable_sleep_mode": False}
 
 
-def test_colocated_engines_cannot_overlap_rollout():
+def test_colocated_engines_cannot_sample_ahead():
     from align.config import load_grpo_recipe
 
-    with pytest.raises(RecipeError, match="overlap_rollout needs rollout.placement=split"):
-        load_grpo_recipe("recipes/grpo-tiny.yaml", ["rollout.placement=colocated", "algorithm.overlap_rollout=true",
+    with pytest.raises(RecipeError, match="max_staleness > 0 needs rollout.placement=split"):
+        load_grpo_recipe("recipes/grpo-tiny.yaml", ["rollout.placement=colocated", "algorithm.max_staleness=1",
                                                     "model.path=data/tokenizer-tiny"])
+
+
+def test_max_staleness_defaults_the_behaviour_weight_cap_and_names_its_old_key():
+    from align.config import load_grpo_recipe
+
+    base = ["model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny"]
+    assert load_grpo_recipe("recipes/grpo-tiny.yaml", base).algorithm.tis_cap is None
+    assert load_grpo_recipe("recipes/grpo-tiny.yaml", [*base, "algorithm.max_staleness=2"]).algorithm.tis_cap == 2.0
+    kept = load_grpo_recipe("recipes/grpo-tiny.yaml", [*base, "algorithm.max_staleness=1", "algorithm.tis_cap=1.5"])
+    assert kept.algorithm.tis_cap == 1.5
+    with pytest.raises(RecipeError, match="algorithm.overlap_rollout .did you mean algorithm.max_staleness"):
+        load_grpo_recipe("recipes/grpo-tiny.yaml", [*base, "algorithm.overlap_rollout=true"])
+    with pytest.raises(RecipeError, match="max_staleness must be >= 0"):
+        load_grpo_recipe("recipes/grpo-tiny.yaml", [*base, "algorithm.max_staleness=-1"])
+    with pytest.raises(RecipeError, match="rollout.top_k must be >= 0"):
+        load_grpo_recipe("recipes/grpo-tiny.yaml", [*base, "rollout.top_k=-2"])
+
+
+def test_reference_and_engines_are_built_in_the_policy_s_training_dtype():
+    from align.config import load_grpo_recipe
+
+    base = ["model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny"]
+    assert load_grpo_recipe("recipes/grpo-tiny.yaml", base).policy_dtype == "float32"
+    assert load_grpo_recipe("recipes/grpo-tiny.yaml", [*base, "deepspeed.precision=bf16"]).policy_dtype == "bfloat16"
 
 
 def test_grpo_check_names_the_engine_auto_picks(capsys, tmp_path):

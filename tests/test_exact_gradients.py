@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from align.models.loading import build_model, load_tokenizer
+from align.trainers.grpo_learner import merge_learner_metrics
 from tests.helpers import gradients
 
 pytestmark = pytest.mark.slow
@@ -85,12 +86,21 @@ def test_grpo_learners_apply_the_gradient_of_one_loss_over_the_batch(learner_run
     tokenizer = load_tokenizer(recipe.model.tokenizer)
     batch = gradients.case_batch(case, len(tokenizer), tokenizer.pad_token_id)
     kl_reference = reference_model(recipe, out / "weights-reference.pt") if recipe.algorithm.kl_coef else None
-    reference, loss = gradients.grpo_reference(model, recipe, batch, kl_reference)
+    reference, loss, mismatch = gradients.grpo_reference(model, recipe, batch, kl_reference)
     ranks = [torch.load(out / f"grpo-{case}-rank{rank}.pt") for rank in range(gradients.WORLD)]
     for saved in ranks:  # every rank holds (its view of) the same full gradient
         assert_same_gradients(saved["grads"], reference)
     # the loss the learners report (each its share x world, averaged over ranks by the driver) is the batch's
     assert sum(saved["metrics"]["loss"] for saved in ranks) / len(ranks) == pytest.approx(loss, rel=1e-5, abs=1e-7)
+    # the engine-learner gap, merged over the learners, is the batch's
+    merged = merge_learner_metrics([saved["metrics"] for saved in ranks])
+    for key, value in mismatch.items():
+        assert merged[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert merged["mismatch/logp_abs_mean"] > 0.05
+    if recipe.algorithm.tis_cap == 1.3:  # the engine's log-probs are the learner's +- 0.3: exp(0.3) > 1.3
+        assert merged["is_truncated"] > 0
+    assert (merged["mismatch/outside_nucleus"] > 0.5) == (case == "nucleus")
+    assert merged["entropy"] > 0
     if case == "balance":
         assert ranks[0]["metrics"]["balance_loss"] > 0
     if case.startswith("kl"):

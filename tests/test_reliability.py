@@ -32,12 +32,13 @@ from tests.helpers.processes import (
 
 pytestmark = pytest.mark.slow
 GRPO_RECIPE = ROOT / "recipes" / "grpo-tiny.yaml"
-# A fresh tiny MoE, one learner, one torch engine, one reward worker; 8 overlapped steps, a checkpoint every 2.
+# A fresh tiny MoE, one learner, one torch engine, one reward worker; 8 steps sampled up to 2 batches ahead, a
+# checkpoint every 2.
 GRPO = [str(GRPO_RECIPE), "model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny",
         "rewards=[{name: 'tests.helpers.rewards:digit_fraction'}]", "data.heldout=null", "algorithm.steps=8",
         "algorithm.prompts_per_step=4", "algorithm.group_size=4", "train.micro_batch_size=8",
         "rollout.max_new_tokens=16", "cluster.num_workers=1", "output.save_every=2", "train.lr=1e-2",
-        "algorithm.overlap_rollout=true"]
+        "algorithm.max_staleness=2"]
 
 
 def workers(run_dir: Path) -> dict[str, list[int]]:

@@ -17,6 +17,7 @@ from align.rl.losses import (
     AGGREGATIONS,
     kl_k3,
     loss_normaliser,
+    mismatch_metrics,
     policy_loss,
     truncated_is_weights,
 )
@@ -153,6 +154,56 @@ def test_truncated_is_weights() -> None:
     weights = truncated_is_weights(learner, rollout, cap=1.5)
     close(weights, [1.5, 1.0, 0.5])
     assert not weights.requires_grad
+
+
+# The decoupled objective on one stale sequence of 3 tokens: the engine that sampled (pi_behav), the learner
+# before the update (pi_prox) and the policy being updated (pi_theta), written as probabilities.
+BEHAV, PROX, THETA = [0.5, 0.2, 0.4], [0.6, 0.5, 0.4], [0.9, 0.5, 0.3]
+
+
+def test_decoupled_objective_by_hand() -> None:
+    """AReaL's decoupled PPO: clip pi_theta / pi_prox, weigh by min(pi_prox / pi_behav, C), C = 2.
+
+        w = min([1.2, 2.5, 1.0], 2)     = [1.2, 2, 1]          r = theta / prox = [1.5, 1, 0.75]
+        A = +1: min(r, clip(r, .8, 1.2)) = [1.2 (clipped), 1, 0.75];  J = w * . = [1.44, 2, 0.75]
+        loss = -(1.44 + 2 + 0.75) / 3 = -1.396667
+        d loss / d logp_t = -w_t r_t / 3 where unclipped: [0, -2/3, -0.25]
+    The clip bounds the step away from pi_prox only: measured against pi_behav, r would be [1.8, 2.5, 0.75]
+    and the first two tokens clipped, their staleness taken for an oversized update."""
+    behav, prox = torch.tensor(BEHAV).log()[None], torch.tensor(PROX).log()[None]
+    logp = torch.tensor(THETA).log()[None].requires_grad_()
+    mask = torch.ones(1, 3)
+    weights = truncated_is_weights(prox, behav, cap=2.0)
+    close(weights, [[1.2, 2.0, 1.0]])
+    loss, metrics = policy_loss(logp, prox, torch.tensor([1.0]), mask, is_weights=weights)
+    close(loss, -(1.44 + 2.0 + 0.75) / 3)
+    loss.backward()
+    close(logp.grad, [[0.0, -2 / 3, -0.25]])
+    close(metrics["clip_ratio/high_mean"], 1 / 3)
+    # A = -1: min(-r, -clip(r)) = [-1.5, -1, -0.8 (clipped)]; J = w * . = [-1.8, -2, -0.8]; grads w r / 3 unclipped
+    logp.grad = None
+    loss, _ = policy_loss(logp, prox, torch.tensor([-1.0]), mask, is_weights=weights)
+    close(loss, (1.8 + 2.0 + 0.8) / 3)
+    loss.backward()
+    close(logp.grad, [[1.2 * 1.5 / 3, 2 / 3, 0.0]])
+
+
+def test_mismatch_metrics_by_hand() -> None:
+    """d = log prox - log behav = [log 1.2, log 2.5, 0] (a fourth, masked token differs by 5):
+    |d| mean (0.182322 + 0.916291) / 3, max 0.916291; k3 = e^d - d - 1 = [0.017678, 0.583709, 0] -> mean;
+    truncated at C = 2: one token of three (none without a cap)."""
+    behav = torch.tensor([*BEHAV, 0.1]).log()[None]
+    prox = torch.cat([torch.tensor(PROX).log(), torch.tensor([5.0 + math.log(0.1)])])[None]
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    metrics = mismatch_metrics(prox, behav, mask, cap=2.0)
+    d = [math.log(1.2), math.log(2.5), 0.0]
+    close(metrics["mismatch/logp_abs_mean"], sum(d) / 3)
+    close(metrics["mismatch/logp_abs_max"], math.log(2.5))
+    close(metrics["mismatch/kl_k3"], sum(math.exp(x) - x - 1 for x in d) / 3)
+    close(metrics["is_truncated"], 1 / 3)
+    assert mismatch_metrics(prox, behav, mask)["is_truncated"] == 0.0
+    assert mismatch_metrics(prox, prox, mask) == {"mismatch/logp_abs_mean": 0.0, "mismatch/logp_abs_max": 0.0,
+                                                  "mismatch/kl_k3": 0.0, "is_truncated": 0.0}
 
 
 # B = 2 completions of one prompt (G = 2), T = 4. old_logp = 0, so the ratio r = exp(logp) is written directly.

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from align.config.schema import ModelConfig
 from align.data.chat import render_ids
 from align.models.loading import build_model
-from rollout.torch_engine import SamplingConfig, TorchEngine, top_p_filter
+from rollout.sampling import sampled_logprobs
+from rollout.torch_engine import SamplingConfig, TorchEngine
 from tests.helpers.greedy import assert_greedy_path, assert_stopped, teacher_forced_logp
 
 pytestmark = pytest.mark.precision
@@ -71,11 +72,25 @@ def test_update_weights_changes_outputs_and_rejects_wrong_names(setup, tokenizer
                                "not.a.weight": torch.zeros(1)})
 
 
-def test_top_p_keeps_the_smallest_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = top_p_filter(logits, 0.7).isfinite()  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: two tokens
-    assert kept.tolist() == [[True, True, False, False]]
-    assert top_p_filter(logits, 1.0).isfinite().all()
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 0.9), (20, 1.0)])
+def test_engine_and_learner_logprobs_agree_under_top_p_and_top_k(setup, top_k, top_p):
+    """At temperature 0.7 with top-p 0.9 or top-k 20 (fp32, the same weights), the log-prob the engine reports
+    for each sampled token is the learner's (`sampled_logprobs` on a full forward pass), inside the nucleus."""
+    model, engine, prompts = setup
+    config = SamplingConfig(n=4, max_new_tokens=16, temperature=0.7, top_p=top_p, top_k=top_k, seed=7)
+    completions = engine.generate(prompts, config)
+    truncated_somewhere = False
+    for completion in completions:
+        start = len(prompts[completion.prompt_index])
+        ids = torch.tensor([prompts[completion.prompt_index] + completion.token_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+        learner = sampled_logprobs(logits, ids, temperature=0.7, top_k=top_k, top_p=top_p)
+        torch.testing.assert_close(learner.logp[0, start:], torch.tensor(completion.logprobs), rtol=0, atol=TOL)
+        assert not learner.outside[0, start:].any()
+        full = sampled_logprobs(logits, ids, temperature=0.7).logp[0, start:]
+        truncated_somewhere |= bool((learner.logp[0, start:] > full + 1e-3).any())  # renormalised: higher
+    assert truncated_somewhere, "the filter never removed any mass: the test would not see a mismatch"
 
 
 def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(setup, tokenizer):

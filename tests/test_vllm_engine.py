@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from align.config.schema import ModelConfig
 from align.models.loading import build_model
 from rollout.engines import choose_engine
-from rollout.torch_engine import SamplingConfig, TorchEngine, top_p_filter
+from rollout.sampling import sampled_logprobs
+from rollout.torch_engine import SamplingConfig, TorchEngine
 from rollout.vllm_engine import unfuse_experts
 from tests.helpers.greedy import assert_greedy_path, assert_stopped, teacher_forced_logp
 
@@ -50,13 +50,6 @@ def prompts_of(tokenizer) -> list[list[int]]:
     return ids
 
 
-def completion_logits(model: torch.nn.Module, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """Teacher-forced logits that predicted each completion token: [len(tokens), vocab]."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + tokens])).logits[0].float()
-    return logits[len(prompt) - 1:-1]
-
-
 def engine_group(name: str, model_config: ModelConfig):
     """One Ray actor hosting a VLLMEngine, built by the factory the pipeline calls."""
     from align.distributed.worker_group import WorkerGroup, worker_env
@@ -78,8 +71,6 @@ def dense_engine(ray_cluster):
 @pytest.mark.slow
 @requires_vllm
 def test_sampled_logprobs_are_the_policys_at_the_sampling_temperature(dense_engine, tokenizer):
-    from align.trainers.grpo_learner import token_logprobs
-
     model = policy(DENSE, tokenizer)
     dense_engine.call("update_weights", model.state_dict())
     prompts = prompts_of(tokenizer)
@@ -91,17 +82,20 @@ def test_sampled_logprobs_are_the_policys_at_the_sampling_temperature(dense_engi
         assert len(c.logprobs) == len(c.token_ids) and (c.finished or len(c.token_ids) == 12)
         row = torch.tensor([prompt + c.token_ids])
         with torch.no_grad():
-            learner = token_logprobs(model(row).logits, row, temperature=0.7)[0, len(prompt):]
+            learner = sampled_logprobs(model(row).logits, row, temperature=0.7).logp[0, len(prompt):]
         torch.testing.assert_close(torch.tensor(c.logprobs), learner, rtol=0, atol=1e-4)
     assert len({tuple(c.token_ids) for c in completions[:3]}) == 3, "the n samples of a prompt are independent"
 
-    # Top-p: log-probs renormalised over the nucleus, as TorchEngine reports them.
-    nucleus = SamplingConfig(n=2, max_new_tokens=12, temperature=1.3, top_p=0.9, seed=5)
-    for c in dense_engine.call("generate", prompts, nucleus)[0]:
-        logits = completion_logits(model, prompts[c.prompt_index], c.token_ids)
-        expected = F.log_softmax(top_p_filter(logits / 1.3, 0.9), dim=-1)
-        torch.testing.assert_close(torch.tensor(c.logprobs), expected[range(len(c.token_ids)), c.token_ids],
-                                   rtol=0, atol=1e-4)
+    # Top-p 0.9 and top-k 20 at temperature 0.7: log-probs renormalised over the kept tokens, the learner's.
+    for top_k, top_p in ((0, 0.9), (20, 1.0)):
+        nucleus = SamplingConfig(n=2, max_new_tokens=12, temperature=0.7, top_p=top_p, top_k=top_k, seed=5)
+        for c in dense_engine.call("generate", prompts, nucleus)[0]:
+            row = torch.tensor([prompts[c.prompt_index] + c.token_ids])
+            with torch.no_grad():
+                learner = sampled_logprobs(model(row).logits, row, temperature=0.7, top_k=top_k, top_p=top_p)
+            start = len(prompts[c.prompt_index])
+            torch.testing.assert_close(torch.tensor(c.logprobs), learner.logp[0, start:], rtol=0, atol=FP32_TOL)
+            assert not learner.outside[0, start:].any()
 
     again = dense_engine.call("generate", prompts, sampling)[0]
     assert [c.token_ids for c in again] == [c.token_ids for c in completions]

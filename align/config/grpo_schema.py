@@ -50,7 +50,11 @@ class RolloutConfig:
     threads_per_worker: int = option(1, "torch threads per engine")
     max_new_tokens: int = option(64, "completion length cap (DeepSeekMath: 1024)")
     temperature: float = option(1.0, "sampling temperature")
-    top_p: float = option(1.0, "nucleus sampling mass")
+    top_p: float = option(1.0, "nucleus sampling mass, over the top_k tokens when both are set. Engines report "
+                          "and the learner and reference compute log-probs of this distribution: softmax of "
+                          "logits / temperature over the kept tokens (rollout/sampling.py; a sampled token below "
+                          "the learner's own cut-off is kept and counted in mismatch/outside_nucleus)")
+    top_k: int = option(0, "sample from the k most likely tokens only (applied before top_p, as vLLM does); 0: off")
     max_model_len: int | None = option(None, "vLLM: longest prompt + completion (default: the model's context)")
     kv_cache_gib: float | None = option(None, "vLLM: KV-cache size in GiB (default: 1 on CPU, else by "
                                         "gpu_memory_utilization)")
@@ -110,7 +114,10 @@ class AlgorithmConfig:
         "TRL use_bias_correction_kl)")
     advantage_scale: Literal["group", "batch", "none"] = option("group", "divide advantages by group/batch std")
     updates_per_batch: int = option(1, "mu: policy updates per rollout batch (DeepSeekMath: 1)")
-    tis_cap: float | None = option(None, "truncated importance-sampling cap for rollout/learner mismatch")
+    tis_cap: float | None = option(
+        None, "cap C of the behaviour weight min(pi_prox / pi_behav, C) on each token's surrogate (TIS; with "
+        "max_staleness > 0 AReaL's decoupled objective): pi_behav the engine that sampled, pi_prox the learner "
+        "before this batch's update. Default: off at max_staleness 0, 2 above")
     dynamic_sampling: bool = option(
         False, "DAPO: train only on groups whose rewards differ, sampling more prompts until P such groups")
     max_refills: int = option(3, "extra rollouts of P prompts per step at most; a batch still short is topped "
@@ -118,14 +125,21 @@ class AlgorithmConfig:
     truncated: Literal["none", "mask", "penalty"] = option(
         "none", "outputs cut at max_new_tokens: kept, masked out of the loss (DAPO), or given truncation_penalty")
     truncation_penalty: float = option(-1.0, "reward given to truncated outputs when truncated=penalty")
-    overlap_rollout: bool = option(
-        False, "sample batch s+1 while the learners update on batch s (one update stale; the importance ratio "
-        "then uses the engine's log-probs as pi_old)")
+    max_staleness: int = option(
+        0, "k: the engines sample up to k batches ahead, while the learners update, so a batch may be sampled by "
+        "weights k updates old (0: synchronous; 1: one batch sampled during each update). The loss is then "
+        "AReaL's decoupled objective: clip against pi_prox, times the capped weight pi_prox / pi_behav (tis_cap)")
     reference_reset_every: int = option(0, "reset the reference to the policy every N steps (0: never)")
     seed: int = option(0, "sampling seed; step s samples with seed * 1000003 + s (its k-th dynamic-sampling "
                        "refill adds k * 1000000007)")
 
     def __post_init__(self) -> None:
+        if self.max_staleness < 0:
+            raise ValueError(f"algorithm.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.tis_cap is None and self.max_staleness > 0:
+            self.tis_cap = 2.0
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"algorithm.tis_cap must be > 0, got {self.tis_cap}")
         sequence = self.ratio_level == "sequence"
         if self.clip_eps is None:
             self.clip_eps = 3e-4 if sequence else 0.2
@@ -174,9 +188,16 @@ class GRPORecipe:
         if self.algorithm.advantage == "process" and self.algorithm.truncated == "penalty":
             raise ValueError("algorithm.truncated=penalty sets an outcome reward; with algorithm.advantage=process "
                              "use truncated=mask or none")
-        if self.algorithm.overlap_rollout and self.algorithm.tis_cap is not None:
-            raise ValueError("algorithm.tis_cap has no effect with overlap_rollout: pi_old is then the engine's own "
-                             "log-probs, so every weight is 1; leave one out")
-        if self.rollout.placement == "colocated" and self.algorithm.overlap_rollout:
-            raise ValueError("algorithm.overlap_rollout needs rollout.placement=split: colocated engines sleep "
+        if self.rollout.placement == "colocated" and self.algorithm.max_staleness:
+            raise ValueError("algorithm.max_staleness > 0 needs rollout.placement=split: colocated engines sleep "
                              "while the learners update")
+        if self.rollout.top_k < 0 or not 0 < self.rollout.top_p <= 1:
+            raise ValueError(f"rollout.top_k must be >= 0 and rollout.top_p in (0, 1], got {self.rollout.top_k} "
+                             f"and {self.rollout.top_p}")
+
+    @property
+    def policy_dtype(self) -> str:
+        """The dtype the policy computes in while it trains: bfloat16 under deepspeed.precision bf16 (DeepSpeed
+        casts the module, keeping fp32 master weights), else model.dtype. The reference and the torch engine are
+        built in it, so that at step 0 the KL is 0 and the engine's log-probs are the learner's."""
+        return "bfloat16" if self.deepspeed.precision == "bf16" else self.model.dtype

@@ -22,7 +22,10 @@ T = TypeVar("T")
 # Names users bring from TRL / transformers, pointed at ours in the did-you-mean hint.
 PEER_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "micro_batch_size",
               "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs",
-              "max_seq_length": "max_length", "lr_scheduler_type": "schedule", "warmup_ratio": "warmup_steps"}
+              "max_seq_length": "max_length", "lr_scheduler_type": "schedule", "warmup_ratio": "warmup_steps",
+              # the sampling-ahead bound: our former boolean, prime-rl's and AReaL's names
+              "overlap_rollout": "max_staleness", "max_off_policy_steps": "max_staleness",
+              "max_head_offpolicyness": "max_staleness"}
 
 
 class RecipeError(ValueError):

@@ -1,8 +1,10 @@
 """GRPO policy losses, the k3 KL estimator and the truncated importance weight, as pure functions on tensors.
 
 Notation: B completions (B = P * G rows), T padded completion tokens, `logp` [B, T] the learner's
-log pi_theta(o_t | q, o_<t) with gradient, `old_logp` the same under pi_old (the policy that sampled,
-recomputed by the learner, no gradient), `mask` [B, T] 1 on completion tokens that count.
+log pi_theta(o_t | q, o_<t) with gradient, `old_logp` the same under pi_old = pi_prox (the learner's policy
+before this batch's update, no gradient; the engine that sampled, pi_behav, enters only through the weight of
+`truncated_is_weights`), `mask` [B, T] 1 on completion tokens that count. Log-probs are of the sampling
+distribution, after temperature, top-k and top-p (rollout/sampling.py).
 
 The objective to maximise (DeepSeekMath, arXiv 2402.03300, eq. 3), per token:
 
@@ -49,16 +51,23 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def truncated_is_weights(learner_old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance-sampling weight (TIS) for the rollout-engine vs learner mismatch, detached.
+    """Truncated importance weight of the behaviour policy (the engine that sampled), detached.
 
-        w_t = min(pi_old_learner / pi_rollout, C) = min(exp(learner_old_logp_t - rollout_logp_t), C)
+        w_t = min(pi_prox / pi_behav, C) = min(exp(learner_old_logp_t - rollout_logp_t), C)
 
-    The rollout engine (vLLM) samples from slightly different probabilities than the learner computes for the
-    same weights; w_t multiplies the per-token surrogate (not the KL term) to correct for that. Equal to TRL's
-    `vllm_importance_sampling_mode="token_truncate"` with `vllm_importance_sampling_clip_max=C`.
+    w_t multiplies the per-token surrogate (not the KL term). Two uses, one formula:
+    - TIS: the engine samples from slightly different probabilities than the learner computes for the same
+      weights. Equal to TRL's `vllm_importance_sampling_mode="token_truncate"` with
+      `vllm_importance_sampling_clip_max=C`.
+    - Decoupled PPO for stale samples (AReaL, arXiv 2505.24298; after Hilton et al., arXiv 2110.00641):
+      the batch was sampled by weights several updates old, pi_behav; the clip is taken against the proximal
+      policy pi_prox (the learner before this batch's update) and w_t corrects behaviour -> proximal, so
+      clipping bounds the update and not the staleness.
+
+        J_t = w_t * min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t),   r_t = pi_theta / pi_prox
 
     Args:
-        learner_old_logp: [B, T] log pi_old as the learner computes it.
+        learner_old_logp: [B, T] log pi_prox as the learner computes it.
         rollout_logp: [B, T] log-probabilities the rollout engine returned with the samples.
         cap: C, the upper bound of the weight.
 
@@ -70,6 +79,36 @@ def truncated_is_weights(learner_old_logp: torch.Tensor, rollout_logp: torch.Ten
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_means(values: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, float]:
+    """sum_t m_t v_t / sum_t m_t of each [B, T] value (bool counts as 0/1), detached: {name: float}."""
+    return {name: _masked_mean(value.detach().to(mask.dtype), mask).item() for name, value in values.items()}
+
+
+def mismatch_metrics(learner_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                     cap: float | None = None) -> dict[str, float]:
+    """How far the engine that sampled (pi_behav) is from the learner's policy before the update (pi_prox), over
+    the tokens that count, with d_t = learner_logp_t - rollout_logp_t:
+
+        mismatch/logp_abs_mean  mean_t |d_t|
+        mismatch/logp_abs_max   max_t |d_t|
+        mismatch/kl_k3          mean_t exp(d_t) - d_t - 1, the k3 estimate of KL(pi_behav || pi_prox) from the
+                                engine's own samples (prime-rl's mismatch KL)
+        is_truncated            mean_t [exp(d_t) > C], the share of tokens whose behaviour weight the cap C cut
+                                (0 without a cap: no weight is applied)
+
+    Args:
+        learner_logp, rollout_logp, mask: [B, T].
+        cap: C of `truncated_is_weights`, or None.
+    """
+    mask = mask.to(learner_logp.dtype)
+    d = (learner_logp - rollout_logp).detach() * mask
+    truncated = (d.exp() > cap).to(mask.dtype) if cap is not None else torch.zeros_like(d)
+    return {"mismatch/logp_abs_mean": _masked_mean(d.abs(), mask).item(),
+            "mismatch/logp_abs_max": (d.abs() * mask).max().item() if d.numel() else 0.0,
+            "mismatch/kl_k3": _masked_mean(d.exp() - d - 1, mask).item(),
+            "is_truncated": _masked_mean(truncated, mask).item()}
 
 
 def counted_rows(mask: torch.Tensor) -> int:

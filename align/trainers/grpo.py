@@ -3,7 +3,9 @@
 One step reads like the algorithm:
 
     prompts     = sampler.next(P)
-    completions = rollout engines sample G outputs per prompt, with their log-probs
+    completions = rollout engines sample G outputs per prompt, with their log-probs; with max_staleness k
+                  they sample up to k batches ahead, while the learners update (AReaL's decoupled objective
+                  then corrects the stale ones)
     rewards     = r = sum_k c_k R_k(prompt, completion)                      [P, G]
     advantages  = (r - mean_group(r)) / std_group(r)                          [P, G]
     update      = learners take `updates_per_batch` clipped-surrogate steps (k3 KL to the reference)
@@ -104,8 +106,10 @@ def heldout_reward_args(recipe: GRPORecipe) -> dict[str, Any]:
 class GRPORun:
     def __init__(self, recipe: GRPORecipe, prompts: PromptSets | None = None):
         self.recipe = recipe
-        self.pending: PendingRollout | None = None  # overlap: the next step's rollout, already started
-        self.pending_position = 0  # the sampler's position before the pending rollout drew its prompts
+        # the rollouts of the next max_staleness steps, already started: (sampler position before its prompts
+        # were drawn, rollout), in step order
+        self.ahead: deque[tuple[int, PendingRollout]] = deque()
+        self.version = 0  # updates applied to the policy: the version of the weights the engines get next
         self.heldout_before: float | None = None
         self.heldout_scorer: Any = None  # data.heldout_reward, built (with its args) at its first use
         self.tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
@@ -128,7 +132,7 @@ class GRPORun:
         try:
             self._build_workers(recipe, engine_share)
             self.rollout = RolloutPool(self.engines, rollout.max_restarts)
-            self.sync_weights()
+            self.sync_weights(0)
         except BaseException:
             with contextlib.suppress(Exception):  # the build's own error is the one to report
                 self.shutdown()
@@ -158,7 +162,9 @@ class GRPORun:
             "rollout", rollout.num_workers, rollout.cpus_per_worker, rollout.gpus_per_worker, cluster.placement,
             worker_env(rollout.threads_per_worker), cluster.call_timeout_s,
             colocate_with=self.learners if self.colocated else None))
-        self.engines.start(make_engine, [{"model_config": recipe.model, "engine": self.engine_kind,
+        # built in the dtype the policy computes in while it trains, so its log-probs are the learners'
+        engine_model = dataclasses.replace(recipe.model, dtype=recipe.policy_dtype)
+        self.engines.start(make_engine, [{"model_config": engine_model, "engine": self.engine_kind,
                                           "threads": rollout.threads_per_worker, **rollout.vllm_options()}]
                            * rollout.num_workers)
         # the first failure in any of them stops the run
@@ -168,10 +174,12 @@ class GRPORun:
         self._groups.append(group)
         return group
 
-    def sync_weights(self) -> None:
-        """Learners gather the policy (collective); rank 0's copy goes to every engine via the object store."""
+    def sync_weights(self, version: int) -> None:
+        """Learners gather the policy (collective); rank 0's copy, `version` updates old, goes to every engine via
+        the object store (behind the rollouts already submitted to them)."""
+        self.version = version
         state_refs = self.learners.submit("policy_state")
-        self.rollout.push_weights(state_refs[0])
+        self.rollout.push_weights(state_refs[0], version)
         self.learners.wait(state_refs, "policy_state")
 
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig) -> list[Completion]:
@@ -198,6 +206,7 @@ class GRPORun:
         recipe, algo = self.recipe, self.recipe.algorithm
         sampling = SamplingConfig(n=algo.group_size, max_new_tokens=recipe.rollout.max_new_tokens,
                                   temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p,
+                                  top_k=recipe.rollout.top_k,
                                   seed=algo.seed * 1_000_003 + step + refill * 1_000_000_007)
         return self.rollout.submit(self.sampler.next(algo.prompts_per_step), sampling)
 
@@ -261,18 +270,14 @@ class GRPORun:
     def step(self, step: int) -> dict[str, Any]:
         algo = self.recipe.algorithm
         phases = Phases()
-        pending, self.pending = self.pending or self.submit_rollout(step), None
+        pending = self.ahead.popleft()[1] if self.ahead else self.submit_rollout(step)
         batch, values = self.sample(pending, phases)
-        if algo.overlap_rollout and step + 1 < algo.steps:
-            # The engines sample the next batch with the current weights while the learners update on this
-            # one; the weight sync below queues behind that sampling, so each batch is one update stale.
-            self.pending_position = self.sampler.position
-            self.pending = self.submit_rollout(step + 1)
         sampled, extra = batch, {}
-        if algo.dynamic_sampling:
+        if algo.dynamic_sampling:  # refills first: queued behind the rollouts ahead they would wait for them
             batch, sampled, values, refills = self.refill(batch, values, step, phases)
             extra = {"dynamic_sampling/refills": refills,
                      "dynamic_sampling/filler_groups": int((batch.in_loss.sum(1) == 0).sum())}
+        self.sample_ahead(step)  # sampled while the learners update on this batch
         with phases("advantages"):
             input_ids, mask, rollout_logp = rollout_tensors(batch.prompts, batch.completions,
                                                             self.tokenizer.pad_token_id)
@@ -291,16 +296,27 @@ class GRPORun:
         with phases("sync"):
             if self.colocated:
                 self.rollout.call("wake_up")
-            self.sync_weights()
+            self.sync_weights(step + 1)
             if algo.reference_reset_every and (step + 1) % algo.reference_reset_every == 0:
                 self.learners.call("reset_reference")
         step_s = sum(phases.seconds.values())
         learner = merge_learner_metrics(per_rank)
         self.last_sampled = sampled
+        staleness = [step - c.policy_version for c in batch.completions]  # updates behind the learners' policy
+        extra.update({"staleness/mean": sum(staleness) / len(staleness), "staleness/max": max(staleness)})
         return {**learner, **phases.seconds, **extra, **sampling_metrics(sampled, values),
                 "completions": len(sampled.completions), "completions_per_s": len(sampled.completions) / step_s,
                 "tokens_per_s": sum(len(c.token_ids) for c in sampled.completions) / step_s, "step_s": step_s,
                 "faults/engine_restarts": self.rollout.restarts, "faults/reward_restarts": self.reward_restarts}
+
+    def sample_ahead(self, step: int) -> None:
+        """Keep the rollouts of steps step+1 .. step+k started (k = max_staleness, within the run's steps): each
+        is sampled by the weights the engines hold now, while the learners update; the weight sync after this
+        step queues behind them, so the batch of step s + k is k updates stale when trained on."""
+        algo = self.recipe.algorithm
+        while len(self.ahead) < algo.max_staleness and step + 1 + len(self.ahead) < algo.steps:
+            position = self.sampler.position
+            self.ahead.append((position, self.submit_rollout(step + 1 + len(self.ahead))))
 
     def samples_record(self) -> dict[str, Any]:
         """What the last step sampled, for samples.jsonl: per group its prompt (file:line), completions and
@@ -313,13 +329,12 @@ class GRPORun:
                            for i, prompt in enumerate(sampled.prompts)]}
 
     def state(self, step: int) -> dict[str, Any]:
-        """The driver's part of a checkpoint after `step` steps (JSON). An overlapped run's next rollout,
-        sampled by the weights before the last update, is collected and kept, so a resume trains on it."""
-        pending = None
-        if self.pending is not None:
-            pending = {"sampler_position": self.pending_position,
-                       "completions": [dataclasses.asdict(c) for c in self.rollout.collect(self.pending)]}
-        return {"step": step, "sampler_position": self.sampler.position, "pending": pending,
+        """The driver's part of a checkpoint after `step` steps (JSON). The rollouts sampled ahead, by weights
+        up to max_staleness updates old, are collected and kept (with their versions), so a resume trains on them."""
+        ahead = [{"sampler_position": position, "version": pending.version,
+                  "completions": [dataclasses.asdict(c) for c in self.rollout.collect(pending)]}
+                 for position, pending in self.ahead]
+        return {"step": step, "sampler_position": self.sampler.position, "ahead": ahead,
                 "missing_rewards": list(self.missing_rewards), "nonfinite": self.control.guard.state(),
                 "heldout_before": self.heldout_before, "rng": checkpoint.rng_state(),
                 "restarts": {"engine": self.rollout.restarts, "reward": self.reward_restarts}}
@@ -328,13 +343,15 @@ class GRPORun:
         """Load a checkpoint into the learners and the driver and push its weights to the engines; returns
         the step it was taken after."""
         self.learners.call("load_state", str(directory))
-        self.sync_weights()
         state = json.loads((directory / "driver.json").read_text())
-        if state["pending"] is not None:
-            self.sampler.position = state["pending"]["sampler_position"]
+        self.sync_weights(state["step"])
+        ahead = state["ahead"] if "ahead" in state else [state["pending"]] if state.get("pending") else []
+        for saved in ahead:  # a checkpoint before max_staleness held at most one, as "pending"
+            self.sampler.position = saved["sampler_position"]
             prompts = self.sampler.next(self.recipe.algorithm.prompts_per_step)
-            self.pending = PendingRollout(prompts, [], [], [],
-                                          done=[Completion(**c) for c in state["pending"]["completions"]])
+            self.ahead.append((saved["sampler_position"], PendingRollout(
+                prompts, [], [], [], version=saved.get("version", state["step"] - 1),
+                done=[Completion(**c) for c in saved["completions"]])))
         self.sampler.position = state["sampler_position"]
         self.missing_rewards.extend(tuple(entry) for entry in state["missing_rewards"])
         self.control.guard.load(state["nonfinite"])
@@ -447,7 +464,9 @@ def train(run: GRPORun, run_dir: Path, latest: Path | None) -> dict[str, Any]:
         log.close()
         if samples is not None:
             samples.close()
-    plot = plot_curves(run_dir / "metrics.jsonl", ["reward/mean", "policy_loss", "kl", "completion_length"],
+    plot = plot_curves(run_dir / "metrics.jsonl", ["reward/mean", "policy_loss", "kl", "completion_length", "entropy",
+                                                   "mismatch/logp_abs_mean", "mismatch/kl_k3", "is_truncated",
+                                                   "staleness/mean"],
                        run_dir / "curves.png", f"align grpo: {run_dir.name}")
     before = run.heldout_before
     summary = {"engine": run.engine_kind, "heldout_before": before, "heldout_after": after, "plot": str(plot),

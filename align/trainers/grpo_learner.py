@@ -9,13 +9,13 @@ of one loss over the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from align import checkpoint
@@ -23,8 +23,9 @@ from align.config.grpo_schema import GRPORecipe
 from align.models.export import full_state_dict, gathered, save_hf_checkpoint
 from align.models.loading import build_model, load_tokenizer
 from align.rl import losses
-from align.rl.losses import policy_loss, truncated_is_weights
+from align.rl.losses import mismatch_metrics, policy_loss, truncated_is_weights
 from align.trainers import engine as ds_setup
+from rollout.sampling import SampledLogprobs, sampled_logprobs
 
 
 @dataclass
@@ -39,32 +40,28 @@ class RolloutShard:
     counted_rows: int  # rows with a token that counts in the whole batch, all learners (balance-loss mean)
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi_T(x_t | x_<t) = log softmax(logits / T) at x_t, aligned with `input_ids` (position 0 gets 0):
-    logits [B, L, V] -> [B, L]. T is the sampling temperature, so these are the probabilities the rollout
-    engine sampled from (and reported), and ratios against its log-probs compare like with like."""
-    logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    scaled = logits[:, :-1].float() / temperature
-    logp[:, 1:] = F.log_softmax(scaled, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return logp
-
-
 # SHARES: this learner's share of a batch-wide loss (x world size); TOKEN_MEANS: means over this learner's
-# counted tokens (`counted_tokens`); the other metrics are plain per-learner values
+# counted tokens (`counted_tokens`); MAXES: maxima; the other metrics are plain per-learner values
 SHARES = ("loss", "policy_loss", "balance_loss")
-TOKEN_MEANS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean")
+TOKEN_MEANS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean",
+               "entropy", "mismatch/logp_abs_mean", "mismatch/kl_k3", "mismatch/outside_nucleus", "is_truncated")
+MAXES = ("mismatch/logp_abs_max",)
 
 
 def merge_learner_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """The batch's metrics from every learner's: token means weighted by each learner's counted tokens (a
-    learner with none counts for nothing), everything else (loss shares x world, lr, grad norm, times) the
-    mean over learners."""
-    tokens = [rank.get("counted_tokens", 0.0) for rank in per_rank]
+    learner with none counts for nothing), maxima the maximum, everything else (loss shares x world, lr, grad
+    norm, times) the mean over learners. A metric some learners lack (an empty shard) is merged over the others."""
+    keys = list(dict.fromkeys(key for rank in per_rank for key in rank))
     merged = {}
-    for key in per_rank[0]:
-        values = [rank[key] for rank in per_rank]
+    for key in keys:
+        present = [rank for rank in per_rank if key in rank]
+        values = [rank[key] for rank in present]
         if key in TOKEN_MEANS:
+            tokens = [rank.get("counted_tokens", 0.0) for rank in present]
             merged[key] = sum(v * t for v, t in zip(values, tokens)) / max(sum(tokens), 1.0)
+        elif key in MAXES:
+            merged[key] = max(values)
         else:
             merged[key] = sum(values) / len(values)
     return merged
@@ -87,13 +84,21 @@ class GRPOLearner:
             recipe.model, recipe.lora, recipe.deepspeed, recipe.train, world_size, optimizer_steps(recipe), tokenizer)
         self.model_config = self.engine.module.config
         self.device = self.engine.device
-        self.temperature = recipe.rollout.temperature if recipe.rollout.temperature > 0 else 1.0
-        # The reference is a frozen copy of the starting policy, outside DeepSpeed (beta 0: none at all),
-        # taken from the engine's weights so that every rank holds the same one even for a preset's random init.
+        # The reference is a frozen copy of the starting policy, outside DeepSpeed (beta 0: none at all), in the
+        # dtype the policy computes in, taken from the engine's weights so that every rank holds the same one
+        # even for a preset's random init: at step 0 its log-probs are the policy's and the KL is 0.
         self.reference = None
         if recipe.algorithm.kl_coef > 0:
-            self.reference = build_model(recipe.model, tokenizer).eval().requires_grad_(False).to(self.device)
+            reference_config = dataclasses.replace(recipe.model, dtype=recipe.policy_dtype)
+            self.reference = build_model(reference_config, tokenizer).eval().requires_grad_(False).to(self.device)
             self.reset_reference()
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The distribution the engines sample from (rollout/sampling.py; greedy: the plain softmax)."""
+        rollout = self.recipe.rollout
+        return {"temperature": rollout.temperature, "top_k": rollout.top_k, "top_p": rollout.top_p} \
+            if rollout.temperature > 0 else {}
 
     def policy_state(self, all_ranks: bool = False) -> dict[str, torch.Tensor] | None:
         """Collective: the full policy weights (LoRA merged), on rank 0 only unless `all_ranks`."""
@@ -110,8 +115,9 @@ class GRPOLearner:
         return [c.token_ids for c in completions]
 
     def logprobs(self, rows: list[list[int]]) -> list[torch.Tensor]:
-        """Collective under ZeRO-3: per-token log-probs at the sampling temperature of each row (position 0: 0)."""
-        return [self._logprobs(self.engine, torch.tensor([row], device=self.device))[0].cpu() for row in rows]
+        """Collective under ZeRO-3: per-token log-probs of each row under the sampling distribution (temperature,
+        top-k, top-p; rollout/sampling.py), position 0: 0."""
+        return [self._logprobs(self.engine, torch.tensor([row], device=self.device)).logp[0].cpu() for row in rows]
 
     def export_hf(self, directory: str) -> None:
         """Collective: rank 0 writes a transformers checkpoint of the policy."""
@@ -140,8 +146,8 @@ class GRPOLearner:
             self.reference.load_state_dict(load_file(str(saved), device=str(self.device)))
 
     @torch.no_grad()
-    def _logprobs(self, model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-        return token_logprobs(model(input_ids=input_ids, use_cache=False).logits, input_ids, self.temperature)
+    def _logprobs(self, model: Any, input_ids: torch.Tensor) -> SampledLogprobs:
+        return sampled_logprobs(model(input_ids=input_ids, use_cache=False).logits, input_ids, **self.sampling)
 
     def update(self, shard: RolloutShard) -> dict[str, float]:
         """`updates_per_batch` optimizer steps on this shard; returns loss, KL, clip and timing metrics."""
@@ -164,32 +170,29 @@ class GRPOLearner:
         rows = shard.input_ids.shape[0]
         slices = [slice(i, i + micro) for i in range(0, rows, micro)]
         to = lambda t: t.to(self.device)  # noqa: E731
-        ref_logp = [self._logprobs(self.reference, to(shard.input_ids[s])) for s in slices] \
+        ref_logp = [self._logprobs(self.reference, to(shard.input_ids[s])).logp for s in slices] \
             if self.reference is not None else [None] * len(slices)
-        # pi_old: the policy that sampled. With one update and no TIS its log-probs equal the learner's own
-        # at the first pass, so they are taken from that pass (detached) instead of an extra forward.
-        need_old = algo.updates_per_batch > 1 or algo.tis_cap is not None
-        if algo.overlap_rollout:  # the batch was sampled one update ago: pi_old is the engine's policy
-            old_logp = [to(shard.rollout_logp[s]) for s in slices]
-        elif need_old:
-            old_logp = [self._logprobs(self.engine, to(shard.input_ids[s])) for s in slices]
-        else:
-            old_logp = None
+        # pi_prox, the policy before this batch's update (pi_old of the clip; AReaL's proximal policy). With one
+        # update it is the first pass's own log-probs, detached; with more it is computed once, before them.
+        prox_logp = [self._logprobs(self.engine, to(shard.input_ids[s])).logp for s in slices] \
+            if algo.updates_per_batch > 1 else None
         sums: dict[str, float] = {}
+        maxima: dict[str, float] = {}
         counted = 0.0  # tokens that count in this shard, over the updates
         grads: dict[str, torch.Tensor] = {}
         for update in range(algo.updates_per_batch):
             for index, s in enumerate(slices):
-                input_ids, mask = to(shard.input_ids[s]), to(shard.completion_mask[s])
+                input_ids, mask, rollout_logp = to(shard.input_ids[s]), to(shard.completion_mask[s]), \
+                    to(shard.rollout_logp[s])
                 outputs = self.engine(input_ids=input_ids, use_cache=False, output_router_logits=bool(self.moe_classes))
-                logp = token_logprobs(outputs.logits, input_ids, self.temperature)
-                old = old_logp[index] if old_logp is not None else logp.detach()
-                is_weights = None
-                if algo.tis_cap is not None:
-                    is_weights = truncated_is_weights(old, to(shard.rollout_logp[s]), algo.tis_cap)
+                sampled = sampled_logprobs(outputs.logits, input_ids, **self.sampling, entropy=True)
+                logp = sampled.logp
+                prox = prox_logp[index] if prox_logp is not None else logp.detach()
+                # the behaviour correction: min(pi_prox / pi_behav, C), pi_behav the engine that sampled
+                is_weights = truncated_is_weights(prox, rollout_logp, algo.tis_cap) if algo.tis_cap else None
                 # this micro-batch's rows' part of the batch-wide loss: their sum / the batch's normaliser
                 loss, metrics = policy_loss(
-                    logp, old, to(shard.advantages[s]), mask, eps_low=algo.clip_eps, eps_high=algo.clip_eps_high,
+                    logp, prox, to(shard.advantages[s]), mask, eps_low=algo.clip_eps, eps_high=algo.clip_eps_high,
                     beta=algo.kl_coef, ref_logp=ref_logp[index], kl_ratio_weighted=algo.kl_ratio_weighted,
                     aggregation=algo.aggregation, ratio_level=algo.ratio_level, normaliser=shard.loss_normaliser,
                     is_weights=is_weights)
@@ -200,16 +203,22 @@ class GRPOLearner:
                     metrics["balance_loss"] = balance.item() * self.world_size
                     loss = loss + balance
                 metrics["loss"] = loss.item() * self.world_size
+                metrics.update(mismatch_metrics(prox, rollout_logp, mask, algo.tis_cap), **losses.masked_means(
+                    {"entropy": sampled.entropy, "mismatch/outside_nucleus": sampled.outside}, mask))
                 ds_setup.backward_summed(self.engine, loss)
                 if capture and update == 0 and index == len(slices) - 1:
                     grads = ds_setup.full_gradients(self.engine)
                 self.engine.step()
                 tokens = float(mask.sum())
                 for key, value in metrics.items():  # shares add up; token means are weighted by their tokens
-                    sums[key] = sums.get(key, 0.0) + (value if key in SHARES else value * tokens)
+                    if key in MAXES:
+                        maxima[key] = max(maxima.get(key, value), value)
+                    else:
+                        sums[key] = sums.get(key, 0.0) + (value if key in SHARES else value * tokens)
                 counted += tokens
         result = {key: value / algo.updates_per_batch if key in SHARES else value / max(counted, 1.0)
                   for key, value in sums.items()}
+        result.update(maxima)
         result["counted_tokens"] = counted / algo.updates_per_batch  # the driver weighs the token means by it
         result.update(**ds_setup.optimizer_metrics(self.engine, skipped), empty_updates=0,
                       update_s=time.perf_counter() - started)

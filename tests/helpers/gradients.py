@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from align.config import load_grpo_recipe, load_sft_recipe
-from align.rl.losses import policy_loss, truncated_is_weights
+from align.rl.losses import mismatch_metrics, policy_loss, truncated_is_weights
 from align.trainers import engine as ds_setup
-from align.trainers.grpo_learner import token_logprobs
 from align.trainers.rollout_batch import split_shards
 from align.trainers.sft_learner import token_nll_sum
+from rollout.sampling import sampled_logprobs
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -31,8 +31,8 @@ MASKED_ROWS = (2, 8, 9, 10, 11, 13)
 NO_BALANCE = ["moe.alpha_expert=0", "moe.alpha_device=0", "moe.alpha_comm=0"]
 BALANCE = ["moe.alpha_expert=0.01", "moe.alpha_device=0.05", "moe.alpha_comm=0.02"]
 
-# name -> algorithm fields; every aggregation, with and without TIS, and off-policy (pi_old = the engine's
-# log-probs, so ratios differ from 1 and clipping binds)
+# name -> algorithm fields; every aggregation, with and without TIS, and stale (the decoupled objective: the
+# behaviour weight min(pi_prox / pi_behav, 2) against the engine's log-probs, which differ from the learner's)
 LOSSES = {
     "grpo": {"aggregation": "seq_mean_token_mean"},
     "dapo": {"aggregation": "token_mean", "clip_eps_high": 0.28},
@@ -40,7 +40,7 @@ LOSSES = {
     "gspo": {"aggregation": "seq_mean_token_mean", "ratio_level": "sequence", "clip_eps": 3e-4,
              "clip_eps_high": 4e-4},
 }
-VARIANTS = {"on_policy": {}, "tis": {"tis_cap": 1.3}, "off_policy": {"overlap_rollout": True}}
+VARIANTS = {"on_policy": {}, "tis": {"tis_cap": 1.3}, "off_policy": {"max_staleness": 1}}
 
 
 def grpo_recipe(zero_stage: int, balance: bool = False, kl_coef: float = 0.0) -> Any:
@@ -52,8 +52,10 @@ def grpo_recipe(zero_stage: int, balance: bool = False, kl_coef: float = 0.0) ->
         *(BALANCE if balance else NO_BALANCE)])
 
 
-def with_algorithm(recipe: Any, **fields: Any) -> Any:
-    return dataclasses.replace(recipe, algorithm=dataclasses.replace(recipe.algorithm, **fields))
+def with_algorithm(recipe: Any, rollout: dict[str, Any] | None = None, **fields: Any) -> Any:
+    """The recipe with these algorithm fields (and `rollout` fields) changed."""
+    return dataclasses.replace(recipe, algorithm=dataclasses.replace(recipe.algorithm, **fields),
+                               rollout=dataclasses.replace(recipe.rollout, **(rollout or {})))
 
 
 def grpo_cases() -> dict[str, dict[str, Any]]:
@@ -66,6 +68,9 @@ def grpo_cases() -> dict[str, dict[str, Any]]:
                                   "kl_ratio_weighted": True}
     cases["process"] = {**LOSSES["dapo"], "advantage": "process"}
     cases["rank1_masked"] = dict(LOSSES["grpo"])
+    # sampled with top-k and top-p: log-probs over the kept tokens, most of the random tokens here below the
+    # cut-off (kept by the rule of rollout/sampling.py)
+    cases["nucleus"] = {**LOSSES["grpo"], **VARIANTS["tis"], "rollout": {"top_k": 20, "top_p": 0.9}}
     return cases
 
 
@@ -116,30 +121,32 @@ def perturb_reference(reference: torch.nn.Module) -> None:
 
 
 def grpo_reference(model: torch.nn.Module, recipe: Any, batch: dict[str, torch.Tensor],
-                   kl_reference: torch.nn.Module | None = None) -> tuple[dict[str, torch.Tensor], float]:
+                   kl_reference: torch.nn.Module | None = None
+                   ) -> tuple[dict[str, torch.Tensor], float, dict[str, float]]:
     """The gradient of ONE `policy_loss` call over the rows that count (Dr. GRPO: all P x G rows, its fixed
     denominator B x L_max), plus, when the recipe's balance losses are on, their mean over those rows in one
     call; the forward runs in the learners' micro-batches (the same numbers, rounded the same way). Returns the
-    gradients and the loss."""
-    algo, temperature = recipe.algorithm, recipe.rollout.temperature
+    gradients, the loss and the engine-learner mismatch metrics over the tokens that count."""
+    algo, rollout = recipe.algorithm, recipe.rollout
+    sampling = {"temperature": rollout.temperature, "top_k": rollout.top_k, "top_p": rollout.top_p}
     rows = torch.arange(ROWS) if algo.aggregation == "seq_mean_token_sum_norm" \
         else torch.nonzero(batch["mask"].sum(-1) > 0).flatten()
     model.zero_grad()
     logps, router = [], []
     for start in range(0, ROWS, MICRO):
         outputs = model(input_ids=batch["input_ids"][start:start + MICRO], use_cache=False, output_router_logits=True)
-        logps.append(token_logprobs(outputs.logits, batch["input_ids"][start:start + MICRO], temperature))
+        logps.append(sampled_logprobs(outputs.logits, batch["input_ids"][start:start + MICRO], **sampling).logp)
         router.append(ds_setup.router_logits(outputs))
     logp, mask = torch.cat(logps)[rows], batch["mask"][rows]
     rollout_logp = batch["rollout_logp"][rows]
-    old = rollout_logp if algo.overlap_rollout else logp.detach()
+    old = logp.detach()  # pi_prox: the learner before the update
     is_weights = truncated_is_weights(old, rollout_logp, algo.tis_cap) if algo.tis_cap is not None else None
     ref_logp = None
     if algo.kl_coef:
         with torch.no_grad():
-            ref_logp = torch.cat([token_logprobs(kl_reference(input_ids=batch["input_ids"][i:i + MICRO],
-                                                              use_cache=False).logits,
-                                                 batch["input_ids"][i:i + MICRO], temperature)
+            ref_logp = torch.cat([sampled_logprobs(kl_reference(input_ids=batch["input_ids"][i:i + MICRO],
+                                                                use_cache=False).logits,
+                                                   batch["input_ids"][i:i + MICRO], **sampling).logp
                                   for i in range(0, ROWS, MICRO)])[rows]
     loss, _ = policy_loss(logp, old, batch["advantages"][rows], mask, eps_low=algo.clip_eps,
                           eps_high=algo.clip_eps_high, beta=algo.kl_coef, ref_logp=ref_logp,
@@ -153,7 +160,8 @@ def grpo_reference(model: torch.nn.Module, recipe: Any, batch: dict[str, torch.T
         per_layer = tuple(torch.cat([micro[layer] for micro in router]) for layer in range(len(router[0])))
         loss = loss + sum(ds_setup.balance_losses_for(per_layer, segments, model.config, moe).values())
     loss.backward()
-    return {name: param.grad.detach().clone() for name, param in model.named_parameters()}, loss.item()
+    mismatch = mismatch_metrics(old, rollout_logp, mask, algo.tis_cap)
+    return {name: param.grad.detach().clone() for name, param in model.named_parameters()}, loss.item(), mismatch
 
 
 def sft_recipe(zero_stage: int, balance: bool) -> Any:
