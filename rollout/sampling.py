@@ -30,9 +30,9 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = 2**26
 
 
-def filters(top_k: int, top_p: float) -> bool:
-    """Whether (top_k, top_p) restricts the distribution at all."""
-    return top_k > 0 or top_p < 1.0
+def filters(top_k: int, top_p: float, vocab: int) -> bool:
+    """Whether (top_k, top_p) restricts a distribution over `vocab` tokens at all."""
+    return 0 < top_k < vocab or top_p < 1.0
 
 
 @torch.no_grad()
@@ -50,25 +50,27 @@ def nucleus_cutoff(scaled: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> 
     flat = scaled.reshape(-1, scaled.shape[-1])
     vocab = flat.shape[-1]
     k = top_k if 0 < top_k < vocab else 0
-    if not filters(k, top_p):
+    if not filters(k, top_p, vocab):
         return torch.full(scaled.shape[:-1], float("-inf"), dtype=scaled.dtype, device=scaled.device)
     rows = max(1, CHUNK_ELEMENTS // vocab)
     cutoffs = []
     for chunk in flat.split(rows):
-        ranked = chunk.topk(k, dim=-1).values if k else chunk.sort(dim=-1, descending=True).values
-        if top_p < 1.0:
-            probs = ranked.float().softmax(dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs
-            kept = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
-            cutoffs.append(ranked.gather(-1, kept - 1).squeeze(-1))
-        else:
-            cutoffs.append(ranked[:, -1])
+        if top_p >= 1.0:  # top-k alone: the k-th largest (its ties kept)
+            cutoffs.append(chunk.topk(k, dim=-1).values[:, -1])
+            continue
+        ranked = chunk.sort(dim=-1, descending=True).values
+        if k:  # top-k first, its ties kept (vLLM masks values below the k-th), then top-p over what is left
+            ranked = ranked.masked_fill(ranked < ranked[:, k - 1:k], float("-inf"))
+        probs = ranked.float().softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        kept = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+        cutoffs.append(ranked.gather(-1, kept - 1).squeeze(-1))
     return torch.cat(cutoffs).reshape(scaled.shape[:-1])
 
 
 def filter_logits(scaled: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """z / T with every token outside K(h) set to -inf: log_softmax of it is log pi_s. [..., V] -> [..., V]."""
-    if not filters(top_k, top_p):
+    if not filters(top_k, top_p, scaled.shape[-1]):
         return scaled
     return scaled.masked_fill(scaled < nucleus_cutoff(scaled, top_k, top_p)[..., None], float("-inf"))
 
@@ -90,7 +92,7 @@ def sampled_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature:
     targets = input_ids[:, 1:, None]
     zeros = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     outside = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-    if filters(top_k, top_p):
+    if filters(top_k, top_p, scaled.shape[-1]):
         cutoff = nucleus_cutoff(scaled.detach(), top_k, top_p)
         target_value = scaled.detach().gather(-1, targets).squeeze(-1)
         outside[:, 1:] = target_value < cutoff
@@ -99,8 +101,11 @@ def sampled_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature:
     logp = zeros.clone()
     logp[:, 1:] = log_probs.gather(-1, targets).squeeze(-1)
     entropies = None
-    if entropy:
+    if entropy:  # in chunks of positions: two fp32 temporaries of CHUNK_ELEMENTS, not of [B, L, V]
         with torch.no_grad():
             entropies = zeros.clone()
-            entropies[:, 1:] = torch.special.entr(log_probs.exp()).sum(-1)
+            flat = log_probs.detach().reshape(-1, log_probs.shape[-1])
+            rows = max(1, CHUNK_ELEMENTS // flat.shape[-1])
+            entropies[:, 1:] = torch.cat([torch.special.entr(chunk.exp()).sum(-1)
+                                          for chunk in flat.split(rows)]).view(log_probs.shape[:-1])
     return SampledLogprobs(logp, outside, entropies)

@@ -67,7 +67,7 @@ def table(results: dict[int, dict[int, dict[str, float]]]) -> str:
                  f"{gain:+.1f} +- {se:.1f} points"]
         for name in [*MEANS, "max abs logp gap"]:
             values = [r[name] for r in by_seed.values()]
-            value = max(values) if name.endswith("max") else sum(values) / len(values)
+            value = max(values) if name.startswith("max") else sum(values) / len(values)
             cells.append(f"{value:.3f}" if name in ("s/step", "staleness") else f"{value:.2e}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

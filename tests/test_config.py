@@ -165,10 +165,11 @@ def test_max_staleness_defaults_the_behaviour_weight_cap_and_names_its_old_key()
     from align.config import load_grpo_recipe
 
     base = ["model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny"]
-    assert load_grpo_recipe("recipes/grpo-tiny.yaml", base).algorithm.tis_cap is None
-    assert load_grpo_recipe("recipes/grpo-tiny.yaml", [*base, "algorithm.max_staleness=2"]).algorithm.tis_cap == 2.0
+    assert load_grpo_recipe("recipes/grpo-tiny.yaml", base).algorithm.behaviour_cap is None
+    ahead = load_grpo_recipe("recipes/grpo-tiny.yaml", [*base, "algorithm.max_staleness=2"]).algorithm
+    assert ahead.behaviour_cap == 2.0 and ahead.tis_cap is None  # resolved, not stored: k = 0 again is synchronous
     kept = load_grpo_recipe("recipes/grpo-tiny.yaml", [*base, "algorithm.max_staleness=1", "algorithm.tis_cap=1.5"])
-    assert kept.algorithm.tis_cap == 1.5
+    assert kept.algorithm.behaviour_cap == 1.5
     with pytest.raises(RecipeError, match="algorithm.overlap_rollout .did you mean algorithm.max_staleness"):
         load_grpo_recipe("recipes/grpo-tiny.yaml", [*base, "algorithm.overlap_rollout=true"])
     with pytest.raises(RecipeError, match="max_staleness must be >= 0"):

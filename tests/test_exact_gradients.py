@@ -97,7 +97,7 @@ def test_grpo_learners_apply_the_gradient_of_one_loss_over_the_batch(learner_run
     for key, value in mismatch.items():
         assert merged[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert merged["mismatch/logp_abs_mean"] > 0.05
-    if recipe.algorithm.tis_cap == 1.3:  # the engine's log-probs are the learner's +- 0.3: exp(0.3) > 1.3
+    if recipe.algorithm.behaviour_cap == 1.3:  # the engine's log-probs are the learner's +- 0.3: exp(0.3) > 1.3
         assert merged["is_truncated"] > 0
     assert (merged["mismatch/outside_nucleus"] > 0.5) == (case == "nucleus")
     assert merged["entropy"] > 0

@@ -188,6 +188,19 @@ def test_decoupled_objective_by_hand() -> None:
     close(logp.grad, [[1.2 * 1.5 / 3, 2 / 3, 0.0]])
 
 
+def test_ratio_weighted_kl_uses_the_behaviour_ratio() -> None:
+    """Samples come from pi_behav, so DeepSeek-V3.2's unbiased KL weight is pi_theta / pi_behav = r * w:
+    with A = 0 and beta 1 the loss is mean_t r_t w_t KL_t."""
+    behav, prox = torch.tensor(BEHAV).log()[None], torch.tensor(PROX).log()[None]
+    logp = torch.tensor(THETA).log()[None]
+    ref = torch.tensor([[0.5, 0.5, 0.5]]).log()
+    weights = truncated_is_weights(prox, behav, cap=2.0)
+    loss, _ = policy_loss(logp, prox, torch.tensor([0.0]), torch.ones(1, 3), beta=1.0, ref_logp=ref,
+                          kl_ratio_weighted=True, is_weights=weights)
+    expected = (torch.tensor(THETA) / torch.tensor(PROX)) * weights[0] * kl_k3(logp, ref)[0]
+    close(loss, expected.mean())
+
+
 def test_mismatch_metrics_by_hand() -> None:
     """d = log prox - log behav = [log 1.2, log 2.5, 0] (a fourth, masked token differs by 5):
     |d| mean (0.182322 + 0.916291) / 3, max 0.916291; k3 = e^d - d - 1 = [0.017678, 0.583709, 0] -> mean;

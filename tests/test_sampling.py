@@ -32,6 +32,18 @@ def test_top_p_keeps_the_smallest_nucleus_and_top_k_comes_first():
     assert kept(tied, top_k=2) == [[True, True, True, False]]  # ties of the k-th are kept, as in vLLM
 
 
+def test_ties_of_the_k_th_value_stay_in_the_top_p_mass():
+    """Logits 3, 2, 2, 2, 1 (bf16 logits tie often): top-k 2 keeps 3 and all three 2s; top-p 0.75 is then
+    taken over those four renormalised, e^3 / (e^3 + 3 e^2) = 0.475, + e^2 / (...) = 0.650 < 0.75: three kept
+    (the first two tied ones: not a threshold on value here, see test_the_kept_set_is_vllms)."""
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]])
+    assert kept(logits, top_k=2) == [[True, True, True, True, False]]
+    # with the mass renormalised over the 2 largest only (e^3 / (e^3 + e^2) = 0.73 < 0.75) the cut-off would be
+    # below the 2s as well; over all four tied it falls at the 2s: every tied token is kept by the threshold
+    assert kept(logits, top_k=2, top_p=0.75) == [[True, True, True, True, False]]
+    assert nucleus_cutoff(logits, 2, 0.4).item() == 3.0  # 0.475 >= 0.4: the largest alone
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_the_kept_set_is_vllms():
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
@@ -44,6 +56,13 @@ def test_the_kept_set_is_vllms():
         theirs = apply_top_k_top_p_pytorch(logits.clone(), k, p, allow_cpu_sync=True).isfinite()
         ours = filter_logits(logits, top_k or 0, top_p or 1.0).isfinite()
         assert torch.equal(ours, theirs), (top_k, top_p)
+    # bf16-rounded logits tie at the k-th value often: the ties are kept and renormalised over, as vLLM does
+    # (ties AT the top-p cut-off vLLM breaks by sort position, a threshold keeps them all: top-k only here)
+    rounded = logits.bfloat16().float()
+    k = torch.full((64,), 20)
+    theirs = apply_top_k_top_p_pytorch(rounded.clone(), k, None, allow_cpu_sync=True).isfinite()
+    assert torch.equal(filter_logits(rounded, 20).isfinite(), theirs)
+    assert (theirs.sum(-1) > 20).any(), "no ties at the k-th value: the case is not exercised"
 
 
 def test_cutoffs_found_in_chunks_equal_one_pass(monkeypatch):

@@ -133,11 +133,18 @@ class AlgorithmConfig:
     seed: int = option(0, "sampling seed; step s samples with seed * 1000003 + s (its k-th dynamic-sampling "
                        "refill adds k * 1000000007)")
 
+    @property
+    def behaviour_cap(self) -> float | None:
+        """C of the behaviour weight min(pi_prox / pi_behav, C): tis_cap, else 2 when sampling ahead, else None
+        (no weight). Resolved here, not stored, so a recipe saved with max_staleness 1 and rerun with 0 is the
+        synchronous run again."""
+        if self.tis_cap is not None:
+            return self.tis_cap
+        return 2.0 if self.max_staleness > 0 else None
+
     def __post_init__(self) -> None:
         if self.max_staleness < 0:
             raise ValueError(f"algorithm.max_staleness must be >= 0, got {self.max_staleness}")
-        if self.tis_cap is None and self.max_staleness > 0:
-            self.tis_cap = 2.0
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"algorithm.tis_cap must be > 0, got {self.tis_cap}")
         sequence = self.ratio_level == "sequence"

@@ -227,9 +227,12 @@ def policy_loss(
         l_t = -min(r_t * A_t, clip(r_t, 1 - eps_low, 1 + eps_high) * A_t) * w_t + beta * KL_t
         loss = AGGREGATIONS[aggregation](l, mask, N),   N = normaliser or loss_normaliser(mask, aggregation)
 
-    w_t = is_weights (TIS, no gradient; 1 if None), KL_t = kl_k3(logp, ref_logp), or KL_t * r_t when
-    `kl_ratio_weighted` (DeepSeek-V3.2's unbiased KL gradient under off-policy samples; TRL's
-    `use_bias_correction_kl`, on by default there, off in DeepSeekMath).
+    w_t = is_weights (TIS or the decoupled objective's behaviour weight, no gradient; 1 if None),
+    KL_t = kl_k3(logp, ref_logp), or KL_t * r_t * w_t when `kl_ratio_weighted` (DeepSeek-V3.2's unbiased KL
+    gradient under off-policy samples: the samples come from pi_behav, so the weight is pi_theta / pi_behav =
+    r_t * w_t, capped as w_t is; TRL's `use_bias_correction_kl`, on by default there, off in DeepSeekMath).
+    With sequence-level ratios w_t stays per token (TRL's "token_truncate"); a per-sequence weight is not
+    implemented.
 
     Sequence level (GSPO): one ratio per sequence from the length-normalised log-ratio,
 
@@ -291,8 +294,8 @@ def policy_loss(
     metrics: dict[str, float] = {}
     if beta != 0.0:
         per_token_kl = kl_k3(logp, ref_logp)  # [B, T]
-        if kl_ratio_weighted:
-            per_token_kl = per_token_kl * ratio
+        if kl_ratio_weighted:  # pi_theta / pi_behav: the ratio to pi_old, times the behaviour weight
+            per_token_kl = per_token_kl * ratio * (is_weights if is_weights is not None else 1.0)
         per_token_loss = per_token_loss + beta * per_token_kl
         metrics["kl"] = _masked_mean(per_token_kl.detach(), mask).item()
 

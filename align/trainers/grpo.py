@@ -349,9 +349,10 @@ class GRPORun:
         for saved in ahead:  # a checkpoint before max_staleness held at most one, as "pending"
             self.sampler.position = saved["sampler_position"]
             prompts = self.sampler.next(self.recipe.algorithm.prompts_per_step)
-            self.ahead.append((saved["sampler_position"], PendingRollout(
-                prompts, [], [], [], version=saved.get("version", state["step"] - 1),
-                done=[Completion(**c) for c in saved["completions"]])))
+            version = saved.get("version", state["step"] - 1)  # "pending": sampled one update before
+            completions = [Completion(**{"policy_version": version, **c}) for c in saved["completions"]]
+            self.ahead.append((saved["sampler_position"],
+                               PendingRollout(prompts, [], [], [], version=version, done=completions)))
         self.sampler.position = state["sampler_position"]
         self.missing_rewards.extend(tuple(entry) for entry in state["missing_rewards"])
         self.control.guard.load(state["nonfinite"])

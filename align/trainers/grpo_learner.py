@@ -189,7 +189,8 @@ class GRPOLearner:
                 logp = sampled.logp
                 prox = prox_logp[index] if prox_logp is not None else logp.detach()
                 # the behaviour correction: min(pi_prox / pi_behav, C), pi_behav the engine that sampled
-                is_weights = truncated_is_weights(prox, rollout_logp, algo.tis_cap) if algo.tis_cap else None
+                cap = algo.behaviour_cap
+                is_weights = truncated_is_weights(prox, rollout_logp, cap) if cap is not None else None
                 # this micro-batch's rows' part of the batch-wide loss: their sum / the batch's normaliser
                 loss, metrics = policy_loss(
                     logp, prox, to(shard.advantages[s]), mask, eps_low=algo.clip_eps, eps_high=algo.clip_eps_high,
@@ -203,7 +204,7 @@ class GRPOLearner:
                     metrics["balance_loss"] = balance.item() * self.world_size
                     loss = loss + balance
                 metrics["loss"] = loss.item() * self.world_size
-                metrics.update(mismatch_metrics(prox, rollout_logp, mask, algo.tis_cap), **losses.masked_means(
+                metrics.update(mismatch_metrics(prox, rollout_logp, mask, cap), **losses.masked_means(
                     {"entropy": sampled.entropy, "mismatch/outside_nucleus": sampled.outside}, mask))
                 ds_setup.backward_summed(self.engine, loss)
                 if capture and update == 0 and index == len(slices) - 1:

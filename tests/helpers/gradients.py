@@ -140,7 +140,8 @@ def grpo_reference(model: torch.nn.Module, recipe: Any, batch: dict[str, torch.T
     logp, mask = torch.cat(logps)[rows], batch["mask"][rows]
     rollout_logp = batch["rollout_logp"][rows]
     old = logp.detach()  # pi_prox: the learner before the update
-    is_weights = truncated_is_weights(old, rollout_logp, algo.tis_cap) if algo.tis_cap is not None else None
+    cap = algo.behaviour_cap
+    is_weights = truncated_is_weights(old, rollout_logp, cap) if cap is not None else None
     ref_logp = None
     if algo.kl_coef:
         with torch.no_grad():
@@ -160,7 +161,7 @@ def grpo_reference(model: torch.nn.Module, recipe: Any, batch: dict[str, torch.T
         per_layer = tuple(torch.cat([micro[layer] for micro in router]) for layer in range(len(router[0])))
         loss = loss + sum(ds_setup.balance_losses_for(per_layer, segments, model.config, moe).values())
     loss.backward()
-    mismatch = mismatch_metrics(old, rollout_logp, mask, algo.tis_cap)
+    mismatch = mismatch_metrics(old, rollout_logp, mask, cap)
     return {name: param.grad.detach().clone() for name, param in model.named_parameters()}, loss.item(), mismatch
 
 
