@@ -7,7 +7,10 @@ ties of the k-th are kept), then of those the smallest set, by descending probab
 whose mass reaches `top_p` (a token is kept when the mass ranked strictly above it is < top_p). This is vLLM's
 order and rule (`apply_top_k_top_p`: top-k first, then top-p over the renormalised rest), and it is what both
 engines report as a sampled token's log-prob (vLLM `logprobs_mode="processed_logprobs"`). K(h) is a threshold
-on z / T: every token at or above the cut-off c(h) is kept.
+on z / T: every token at or above the cut-off c(h) is kept. Ties of the k-th value are kept and count in the
+top-p mass, as in vLLM; tokens tied exactly AT the top-p cut-off vLLM keeps or drops by their sort position,
+a threshold keeps them all (with bf16 logits this moves a log-prob by the tied tokens' share of the mass).
+vLLM on GPU runs a Triton kernel for the same rule; only its PyTorch path (the CPU one) is tested against.
 
 The learner recomputes pi_s on its own logits, where the cut-off can fall just above a token the engine
 sampled (the engine's numerics differ, or its weights are older). Rule: the learner's kept set is extended
@@ -17,7 +20,9 @@ counted (`outside`) and logged every step as `mismatch/outside_nucleus`.
 
 Memory: the cut-offs are found in chunks of about CHUNK_ELEMENTS logits (a sort of the vocabulary per position
 for top-p; top-k alone needs only `topk`), so a 1,536-position micro-batch of DeepSeek-V2's 102,400-token
-vocabulary sorts 64 M floats at a time (0.8 GB with the indices) instead of 157 M at once (1.9 GB).
+vocabulary sorts 64 M floats at a time (0.8 GB with the indices) instead of 157 M at once (1.9 GB); the entropy
+is summed in the same chunks. What stays for backward is the log-softmax output (fp32, 0.63 GB at that size) and
+the filter's bool mask (0.16 GB); a chunked autograd function that recomputes them would save those (not built).
 """
 
 from __future__ import annotations

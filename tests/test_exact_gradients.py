@@ -60,6 +60,18 @@ def learner_runs(request, tmp_path_factory) -> tuple[int, Path]:
     return request.param, out
 
 
+def test_a_bf16_policy_s_reference_is_bf16_so_the_first_kl_is_zero(tmp_path) -> None:
+    """Under deepspeed.precision=bf16 the policy computes in bf16; the reference is built in the same dtype from
+    the same weights, so the first update's KL is exactly 0. A float32 reference of the same weights would not
+    be: the bf16 forward's rounding alone gives a KL above 0."""
+    run_learners("bf16", 2, tmp_path)
+    for rank in range(gradients.WORLD):
+        saved = torch.load(tmp_path / f"bf16-rank{rank}.pt")
+        assert saved["policy_dtype"] == saved["reference_dtype"] == "torch.bfloat16"
+        assert saved["kl"] == 0.0
+        assert saved["float32_reference_kl"] > 1e-6
+
+
 def reference_model(recipe, weights: Path) -> torch.nn.Module:
     model = build_model(recipe.model, load_tokenizer(recipe.model.tokenizer or recipe.model.path))
     model.load_state_dict(torch.load(weights))

@@ -4,7 +4,9 @@ MODE grpo: a real GRPOLearner (DeepSpeed, gloo) takes one update per case of `gr
 shard of `gradients.rollout_batch`, with the case's algorithm set on the (plain Python) learner; the full
 gradient at the accumulation boundary goes to OUT/grpo-CASE-rankR.pt. MODE sft: a real SFTLearner takes one
 optimizer step with balance losses off and one with them on; the micro-batches it read and its gradient go to
-OUT/sft-CASE-rankR.pt. Rank 0 also writes the starting weights (OUT/weights-MODE.pt); lr 0 keeps them.
+OUT/sft-CASE-rankR.pt. Rank 0 also writes the starting weights (OUT/weights-MODE.pt); lr 0 keeps them. MODE
+bf16: a GRPOLearner training in DeepSpeed bf16 with a KL term takes one update; its KL, its reference's dtype
+and the KL a float32 reference (the starting policy upcast) would have given go to OUT/bf16-rankR.pt.
 """
 
 from __future__ import annotations
@@ -44,6 +46,25 @@ def main(mode: str, zero_stage: int, rank: int, port: int, out: Path) -> None:
         learner.recipe = base
         metrics = learner.update(gradients.shards(empty, base.algorithm.aggregation)[rank])
         torch.save({"metrics": metrics, "steps": learner.engine.global_steps}, out / f"grpo-empty-rank{rank}.pt")
+    elif mode == "bf16":
+        from align.models.loading import build_model
+        from align.rl.losses import kl_k3
+        from align.trainers.grpo_learner import GRPOLearner
+
+        recipe = gradients.grpo_recipe(zero_stage, kl_coef=0.04)
+        recipe = dataclasses.replace(recipe, deepspeed=dataclasses.replace(recipe.deepspeed, precision="bf16"))
+        learner = GRPOLearner(recipe, rank, gradients.WORLD, "127.0.0.1", port)
+        batch = gradients.case_batch("grpo-on_policy", len(learner.tokenizer), learner.tokenizer.pad_token_id)
+        shard = gradients.shards(batch, recipe.algorithm.aggregation)[rank]
+        float32 = build_model(recipe.model, learner.tokenizer).eval()
+        float32.load_state_dict(learner.policy_state(all_ranks=True))
+        ids, mask = shard.input_ids, shard.completion_mask
+        policy = learner._logprobs(learner.engine, ids).logp
+        float32_kl = (kl_k3(policy, learner._logprobs(float32, ids).logp) * mask).sum() / mask.sum()
+        metrics = learner.update(shard)
+        torch.save({"kl": metrics["kl"], "float32_reference_kl": float32_kl.item(),
+                    "reference_dtype": str(next(learner.reference.parameters()).dtype),
+                    "policy_dtype": str(next(learner.engine.module.parameters()).dtype)}, out / f"bf16-rank{rank}.pt")
     else:
         from align.trainers.sft_learner import SFTLearner
 
