@@ -107,7 +107,7 @@ def mismatch_metrics(learner_logp: torch.Tensor, rollout_logp: torch.Tensor, mas
     truncated = (d.exp() > cap).to(mask.dtype) if cap is not None else torch.zeros_like(d)
     return {"mismatch/logp_abs_mean": _masked_mean(d.abs(), mask).item(),
             "mismatch/logp_abs_max": (d.abs() * mask).max().item() if d.numel() else 0.0,
-            "mismatch/kl_k3": _masked_mean(d.exp() - d - 1, mask).item(),
+            "mismatch/kl_k3": _masked_mean(torch.expm1(d) - d, mask).item(),  # expm1: no rounding below 0 at d ~ 0
             "is_truncated": _masked_mean(truncated, mask).item()}
 
 
