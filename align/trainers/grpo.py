@@ -334,6 +334,7 @@ class GRPORun:
         ahead = [{"sampler_position": position, "version": pending.version,
                   "completions": [dataclasses.asdict(c) for c in self.rollout.collect(pending)]}
                  for position, pending in self.ahead]
+        self.rollout.drain()  # behind those on every engine: no further wait
         return {"step": step, "sampler_position": self.sampler.position, "ahead": ahead,
                 "missing_rewards": list(self.missing_rewards), "nonfinite": self.control.guard.state(),
                 "heldout_before": self.heldout_before, "rng": checkpoint.rng_state(),
@@ -459,6 +460,7 @@ def train(run: GRPORun, run_dir: Path, latest: Path | None) -> dict[str, Any]:
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}",
                             c_s=f"{metrics['completions_per_s']:.1f}")
         after = run.heldout_accuracy(max_new)
+        run.rollout.drain()  # the last weight push, unchecked when no held-out set was sampled
         final = export_model(run.learners, run_dir)
     finally:
         bar.close()

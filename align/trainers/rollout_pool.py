@@ -117,6 +117,11 @@ class RolloutPool:
     def generate(self, prompts: list[Any], sampling: SamplingConfig) -> list[Completion]:
         return self.collect(self.submit(prompts, sampling))
 
+    def drain(self) -> None:
+        """Wait for every weight push (raising if an engine refused one): at the end of a run, or once the
+        rollouts ahead are collected for a checkpoint (then without waiting longer)."""
+        self._check_pushes(self.pushed)
+
     def _check_pushes(self, upto: int) -> None:
         """Wait for the weight pushes numbered <= `upto` (raising if an engine refused one)."""
         while self.pushes and self.pushes[0].number <= upto:
@@ -130,7 +135,8 @@ class RolloutPool:
         refs = [ref for push in self.pushes for ref in push.refs] + [ref for p in self.in_flight for ref in p.refs]
         if not refs:
             return
-        ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+        # fetch_local=False: a result still on another node's object store counts as finished
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0])
         while self.pushes and all(ref in ready for ref in self.pushes[0].refs):
             self._check_pushes(self.pushes[0].number)
         for pending in [p for p in self.in_flight if all(ref in ready for ref in p.refs)]:
@@ -142,26 +148,30 @@ class RolloutPool:
         """The calls' results; a dead or hung engine is replaced (once per incarnation), loaded with `weights`
         (the (reference, version) the call was made with; default: the current ones) and its call redone."""
         results = self.group.gather(refs, method)
+        epochs = list(epochs)
         for rank, result in enumerate(results):
-            attempts = 0
+            attempts = 0  # replacements made for this call (a redo on an existing replacement is not one)
             while isinstance(result, WorkerError):
-                if not result.hung or attempts == self.max_restarts:
+                replace = epochs[rank] == self.epochs[rank]
+                if not result.hung or (replace and attempts == self.max_restarts):
                     raise result
-                attempts += 1
-                result = self._redo(rank, method, per_rank[rank], epochs[rank], result, attempts,
+                attempts += replace
+                result = self._redo(rank, method, per_rank[rank], replace, result, attempts,
                                     weights if weights is not None else (self.weights, self.version))
-                epochs = [*epochs[:rank], self.epochs[rank], *epochs[rank + 1:]]
+                epochs[rank] = self.epochs[rank]
             results[rank] = result
         return results
 
-    def _redo(self, rank: int, method: str, args: tuple, epoch: int, error: WorkerError, attempt: int,
+    def _redo(self, rank: int, method: str, args: tuple, replace: bool, error: WorkerError, attempt: int,
               weights: tuple[Any, int]) -> Any:
         """Redo `method(*args)` on rank `rank` with `weights` (reference, version), replacing its engine first if
-        the call went to the current incarnation. A rollout sampled ahead was started with older weights: it is
-        redone with those, then the engine gets the current ones. A weight push is not redone: a replacement
-        always ends holding the current weights, which are never older than the push's."""
+        the call went to the current incarnation (`replace`). A rollout sampled ahead was started with older
+        weights: it is redone with those, then the engine gets the current ones. A weight push is not redone: a
+        replacement always ends holding the current weights, which are never older than the push's. (A redo on
+        an existing replacement waits behind what is queued on it within one call timeout; past it, that
+        replacement is taken for hung and replaced too: correct, but a restart more.)"""
         try:
-            if epoch == self.epochs[rank]:
+            if replace:
                 self.restarts += 1
                 tqdm.write(f"align grpo: {error}; replacing it (restart {attempt} of {self.max_restarts}) and "
                            f"redoing its {method}", file=sys.stderr)
