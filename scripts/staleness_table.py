@@ -5,6 +5,7 @@ token shares, the staleness and the seconds per step.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/staleness_table.py --steps 100            # k = 0, 1, 2; seeds 0, 1
     .venv/bin/python scripts/staleness_table.py --steps 100 --summarise-only             # the table again
+    ... -- section.key=value ...                                                       # more overrides per run
 
 Each run is `align grpo RECIPE algorithm.max_staleness=K algorithm.seed=S data.seed=S` into OUT/k{K}-s{S}
 (its log beside it); the table goes to OUT/table.md and OUT/table.json.
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("runs/staleness"))
     parser.add_argument("--summarise-only", action="store_true", help="only rebuild the table from the runs")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides added to every run (after --)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[int, dict[int, dict[str, float]]] = {}
@@ -91,7 +93,7 @@ def main() -> None:
             if not args.summarise_only:
                 run_one(args.recipe, [f"model.path={args.model}", f"algorithm.steps={args.steps}",
                                       f"algorithm.max_staleness={k}", f"algorithm.seed={seed}", f"data.seed={seed}",
-                                      f"output.dir={run_dir}", "output.overwrite=true"], log)
+                                      f"output.dir={run_dir}", "output.overwrite=true", *args.overrides], log)
             results.setdefault(k, {})[seed] = summarise(run_dir, log)
             print(f"staleness_table: k={k} seed={seed}: {results[k][seed]}", flush=True)
     text = table(results)

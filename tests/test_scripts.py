@@ -51,6 +51,19 @@ def test_bench_sft_memory_measures_every_role_at_each_size(tmp_path):
     assert set(report["ratio_largest_over_smallest"]) >= {"rss driver", "rss learner", "rss total"}
 
 
+def test_staleness_table_runs_each_k_and_seed_and_tabulates_them(ray_cluster, tmp_path):
+    """Two 3-step runs (k = 2, seeds 0 and 1) of a fresh tiny MoE on 20 held-out problems, joining the shared Ray."""
+    out = tmp_path / "staleness"
+    stdout = script("staleness_table.py", "--steps", "3", "--k", "2", "--seeds", "0", "1", "--out", str(out), "--",
+                    "model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny",
+                    "data.heldout_limit=20", "algorithm.prompts_per_step=4", "train.micro_batch_size=16",
+                    "rollout.max_new_tokens=16", ray_address=ray_cluster)
+    report = json.loads((out / "table.json").read_text())
+    runs = report["results"]["2"]
+    assert set(runs) == {"0", "1"} and all(r["steps"] == 3 and 0 < r["staleness"] <= 2 for r in runs.values())
+    assert "| 2 |" in stdout and (out / "table.md").read_text().count("\n") == 3
+
+
 def test_gpu_check_stages_run_on_the_cpu(tmp_path):
     script("gpu_check.py", "--cpu", "--stages", "tiny", "--out", str(tmp_path))
     stages = json.loads((Path(tmp_path) / "gpu_check.json").read_text())["stages"]
