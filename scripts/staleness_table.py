@@ -44,9 +44,11 @@ def summarise(run_dir: Path, log: Path) -> dict[str, float]:
     if match is None:
         raise SystemExit(f"staleness_table: no held-out accuracy in {log}")
     summary = {"before": float(match.group(1)), "after": float(match.group(2)), "steps": len(records)}
-    for name, key in MEANS.items():
-        summary[name] = sum(r[key] for r in records) / len(records)
-    summary["max abs logp gap"] = max(r["mismatch/logp_abs_max"] for r in records)
+    for name, key in MEANS.items():  # a step whose batch held nothing that counts has no learner metrics
+        values = [r[key] for r in records if key in r]
+        summary[name] = sum(values) / len(values) if values else float("nan")
+    summary["max abs logp gap"] = max((r["mismatch/logp_abs_max"] for r in records if "mismatch/logp_abs_max" in r),
+                                      default=float("nan"))
     return summary
 
 

@@ -56,11 +56,13 @@ def test_staleness_table_runs_each_k_and_seed_and_tabulates_them(ray_cluster, tm
     out = tmp_path / "staleness"
     stdout = script("staleness_table.py", "--steps", "3", "--k", "2", "--seeds", "0", "1", "--out", str(out), "--",
                     "model.path=null", "model.preset=deepseek-v2-tiny", "model.tokenizer=data/tokenizer-tiny",
-                    "data.heldout_limit=20", "algorithm.prompts_per_step=4", "train.micro_batch_size=16",
+                    "rewards=[{name: 'tests.helpers.rewards:digit_fraction'}]", "data.heldout_limit=20",
+                    "algorithm.prompts_per_step=4", "train.micro_batch_size=16",
                     "rollout.max_new_tokens=16", ray_address=ray_cluster)
     report = json.loads((out / "table.json").read_text())
     runs = report["results"]["2"]
-    assert set(runs) == {"0", "1"} and all(r["steps"] == 3 and 0 < r["staleness"] <= 2 for r in runs.values())
+    assert set(runs) == {"0", "1"} and all(r["steps"] == 3 and 0 <= r["staleness"] <= 2 for r in runs.values())
+    assert all(r["mean abs logp gap"] >= 0 for r in runs.values())
     assert "| 2 |" in stdout and (out / "table.md").read_text().count("\n") == 3
 
 

@@ -20,6 +20,10 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+# The least time a worker's construction is given, whatever its call timeout: a reward's few-second scoring
+# timeout bounds a scoring call, not the imports and model load of a (re)start on a loaded machine.
+BUILD_TIMEOUT_S = 300.0
+
 
 class WorkerError(RuntimeError):
     """A remote call failed or timed out; the message names the group, rank and method. `hung`: the worker
@@ -120,7 +124,8 @@ class WorkerGroup:
         ray.kill(self.actors[rank], no_restart=True)
         self.actors[rank] = self._new_actor(self.bundle_indices[rank])
         cls, per_rank_kwargs = self._made
-        self._get([self.actors[rank].construct.remote(cls, **per_rank_kwargs[rank])], f"{cls.__name__}() restart")
+        self._get([self.actors[rank].construct.remote(cls, **per_rank_kwargs[rank])], f"{cls.__name__}() restart",
+                  timeout_s=max(self.timeout_s, BUILD_TIMEOUT_S))
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Call `method` on every rank in parallel; results in rank order."""
@@ -172,16 +177,17 @@ class WorkerGroup:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             return WorkerError(f"{self.name} rank {rank}: worker died during {what} ({reason})", hung=True)
 
-    def _get(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
+    def _get(self, refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None) -> list[Any]:
         """All ranks' results, raising at the first failure: the other ranks of a collective call would only
-        wait for the failed one until the timeout."""
-        deadline = time.monotonic() + self.timeout_s
+        wait for the failed one until the timeout (`timeout_s`, default the group's call timeout)."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 late = [refs.index(ref) for ref in pending]
-                raise WorkerError(f"{self.name}: {what} did not finish within {self.timeout_s:.0f}s on rank(s) {late}",
+                raise WorkerError(f"{self.name}: {what} did not finish within {limit:.0f}s on rank(s) {late}",
                                   timed_out=True)
             for ref in ready:
                 result = self._outcome(refs.index(ref), ref, what)

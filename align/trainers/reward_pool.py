@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from align.config.grpo_schema import RewardSpec
-from align.distributed.worker_group import WorkerError, WorkerGroup, wait_built
+from align.distributed.worker_group import BUILD_TIMEOUT_S, WorkerError, WorkerGroup, wait_built
 from rewards.base import Sample, Step
 from rewards.worker import RewardWorker
 
@@ -47,7 +47,7 @@ class RewardPool:
             raise
 
     def ready(self) -> None:
-        wait_built(self.groups)
+        wait_built(self.groups, at_least_s=BUILD_TIMEOUT_S)
 
     def score(self, samples: list[Sample]) -> RewardValues:
         started = time.monotonic()
