@@ -95,7 +95,7 @@ def sampled_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature:
     `entropy`: also H(pi_s) = -sum_x pi_s(x) log pi_s(x) per position, detached."""
     scaled = logits[:, :-1].float() / temperature
     targets = input_ids[:, 1:, None]
-    zeros = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     outside = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
     if filters(top_k, top_p, scaled.shape[-1]):
         cutoff = nucleus_cutoff(scaled.detach(), top_k, top_p)
@@ -103,12 +103,11 @@ def sampled_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature:
         outside[:, 1:] = target_value < cutoff
         scaled = scaled.masked_fill(scaled < torch.minimum(cutoff, target_value)[..., None], float("-inf"))
     log_probs = F.log_softmax(scaled, dim=-1)
-    logp = zeros.clone()
     logp[:, 1:] = log_probs.gather(-1, targets).squeeze(-1)
     entropies = None
     if entropy:  # in chunks of positions: two fp32 temporaries of CHUNK_ELEMENTS, not of [B, L, V]
         with torch.no_grad():
-            entropies = zeros.clone()
+            entropies = torch.zeros_like(logp)
             flat = log_probs.detach().reshape(-1, log_probs.shape[-1])
             rows = max(1, CHUNK_ELEMENTS // flat.shape[-1])
             entropies[:, 1:] = torch.cat([torch.special.entr(chunk.exp()).sum(-1)

@@ -4,6 +4,7 @@ later variants (DAPO, Dr. GRPO, GSPO, TIS) are options, each named after its pap
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -208,3 +209,8 @@ class GRPORecipe:
         casts the module, keeping fp32 master weights), else model.dtype. The reference and the torch engine are
         built in it, so that at step 0 the KL is 0 and the engine's log-probs are the learner's."""
         return "bfloat16" if self.deepspeed.precision == "bf16" else self.model.dtype
+
+    @property
+    def policy_model(self) -> ModelConfig:
+        """`model` in `policy_dtype`: what the reference and the engines are built from."""
+        return dataclasses.replace(self.model, dtype=self.policy_dtype)

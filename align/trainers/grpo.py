@@ -109,7 +109,6 @@ class GRPORun:
         # the rollouts of the next max_staleness steps, already started: (sampler position before its prompts
         # were drawn, rollout), in step order
         self.ahead: deque[tuple[int, PendingRollout]] = deque()
-        self.version = 0  # updates applied to the policy: the version of the weights the engines get next
         self.heldout_before: float | None = None
         self.heldout_scorer: Any = None  # data.heldout_reward, built (with its args) at its first use
         self.tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path)
@@ -163,8 +162,7 @@ class GRPORun:
             worker_env(rollout.threads_per_worker), cluster.call_timeout_s,
             colocate_with=self.learners if self.colocated else None))
         # built in the dtype the policy computes in while it trains, so its log-probs are the learners'
-        engine_model = dataclasses.replace(recipe.model, dtype=recipe.policy_dtype)
-        self.engines.start(make_engine, [{"model_config": engine_model, "engine": self.engine_kind,
+        self.engines.start(make_engine, [{"model_config": recipe.policy_model, "engine": self.engine_kind,
                                           "threads": rollout.threads_per_worker, **rollout.vllm_options()}]
                            * rollout.num_workers)
         # the first failure in any of them stops the run
@@ -177,7 +175,6 @@ class GRPORun:
     def sync_weights(self, version: int) -> None:
         """Learners gather the policy (collective); rank 0's copy, `version` updates old, goes to every engine via
         the object store (behind the rollouts already submitted to them)."""
-        self.version = version
         state_refs = self.learners.submit("policy_state")
         self.rollout.push_weights(state_refs[0], version)
         self.learners.wait(state_refs, "policy_state")

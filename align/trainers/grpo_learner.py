@@ -9,7 +9,6 @@ of one loss over the batch.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,8 +88,7 @@ class GRPOLearner:
         # even for a preset's random init: at step 0 its log-probs are the policy's and the KL is 0.
         self.reference = None
         if recipe.algorithm.kl_coef > 0:
-            reference_config = dataclasses.replace(recipe.model, dtype=recipe.policy_dtype)
-            self.reference = build_model(reference_config, tokenizer).eval().requires_grad_(False).to(self.device)
+            self.reference = build_model(recipe.policy_model, tokenizer).eval().requires_grad_(False).to(self.device)
             self.reset_reference()
 
     @property
@@ -176,6 +174,7 @@ class GRPOLearner:
         # update it is the first pass's own log-probs, detached; with more it is computed once, before them.
         prox_logp = [self._logprobs(self.engine, to(shard.input_ids[s])).logp for s in slices] \
             if algo.updates_per_batch > 1 else None
+        cap = algo.behaviour_cap  # of the behaviour correction min(pi_prox / pi_behav, C), pi_behav the engine
         sums: dict[str, float] = {}
         maxima: dict[str, float] = {}
         counted = 0.0  # tokens that count in this shard, over the updates
@@ -188,8 +187,6 @@ class GRPOLearner:
                 sampled = sampled_logprobs(outputs.logits, input_ids, **self.sampling, entropy=True)
                 logp = sampled.logp
                 prox = prox_logp[index] if prox_logp is not None else logp.detach()
-                # the behaviour correction: min(pi_prox / pi_behav, C), pi_behav the engine that sampled
-                cap = algo.behaviour_cap
                 is_weights = truncated_is_weights(prox, rollout_logp, cap) if cap is not None else None
                 # this micro-batch's rows' part of the batch-wide loss: their sum / the batch's normaliser
                 loss, metrics = policy_loss(

@@ -81,7 +81,7 @@ class RolloutPool:
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """`method(*args)` on every engine, replacing engines that die or hang (after the pending pushes)."""
-        self._check_pushes(self.pushed)
+        self.drain()
         per_rank = [args] * len(self.group)
         epochs = list(self.epochs)
         return self._finish(method, per_rank, self.group.submit_each(method, per_rank), epochs)
